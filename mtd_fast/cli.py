@@ -1,0 +1,222 @@
+"""Command line: `mtd-fast {train,evaluate,stats,experiment,preprocess}` (also `python -m mtd_fast`).
+
+Every MTDConfig / TrainConfig field is a flag with the API's name and default
+(`batch_size` -> `--batch-size`), so the CLI and `mtd_fast.train` never drift apart.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = ["main"]
+
+
+def _field_type(tp: Any):
+    """(argparse type, is_bool) for a dataclass field annotation."""
+    if isinstance(tp, str):
+        tp = eval(tp, {"Optional": Optional, "typing": typing})  # annotations are strings (PEP 563)
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0]
+    if tp is bool:
+        return None, True
+    return tp, False
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    from .config import MTDConfig, TrainConfig
+
+    for cls, title in ((MTDConfig, "model options (MTDConfig)"), (TrainConfig, "training options (TrainConfig)")):
+        group = p.add_argument_group(title)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            typ, is_bool = _field_type(f.type)
+            if is_bool:
+                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                   help=f"(default {f.default})")
+            else:
+                group.add_argument(flag, dest=f.name, type=typ, default=None, help=f"(default {f.default})")
+
+
+def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from .config import MTDConfig, TrainConfig
+
+    names = [f.name for cls in (MTDConfig, TrainConfig) for f in dataclasses.fields(cls)]
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=None,
+                   help="synthetic (default), diginetica, retailrocket, yoochoose1_64, yoochoose1_64_mtd")
+    g.add_argument("--data-dir", default=None, help="folder in the SR-GNN pickle layout (default $MTD_FAST_DATA/<name>)")
+    g.add_argument("--fraction", type=float, default=1.0, help="keep the most recent fraction of training sessions")
+    g.add_argument("--n-sessions", type=int, default=None, help="synthetic: number of sessions (5000)")
+    g.add_argument("--n-items", type=int, default=None, help="synthetic: number of items (500)")
+    g.add_argument("--data-seed", type=int, default=None, help="synthetic: generator seed (0)")
+
+
+def _load(args: argparse.Namespace):
+    from .data import load_dataset
+
+    kwargs = {}
+    if args.dataset in (None, "synthetic") and args.data_dir is None:
+        for flag, key in (("n_sessions", "n_sessions"), ("n_items", "n_items"), ("data_seed", "seed")):
+            if getattr(args, flag) is not None:
+                kwargs[key] = getattr(args, flag)
+    return load_dataset(args.dataset, root=args.data_dir, fraction=args.fraction, **kwargs)
+
+
+def _fmt_table(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.2f}" if abs(v) < 1e5 else f"{v:.0f}"
+        return str(v)
+
+    out = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+    out += ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _metrics_table(metrics: dict[str, Any]) -> str:
+    from .metrics import KS
+
+    rows = []
+    for label, m in (("test (validation-picked)", metrics), ("best epoch on test (published protocol)",
+                                                             metrics.get("best_on_test"))):
+        if m:
+            rows.append({"": label, **{f"{k}@{n}": m[f"{k}@{n}"] for k in ("P", "MRR", "NDCG") for n in KS}})
+    cols = [""] + [f"{k}@{n}" for k in ("P", "MRR", "NDCG") for n in KS]
+    return _fmt_table(rows, cols)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import mtd_fast
+
+    ds = _load(args)
+    result = mtd_fast.train(ds, model=args.model, epochs=args.epochs, seed=args.seed, backend=args.backend,
+                            quiet=args.quiet, **_config_overrides(args))
+    print(f"\n{args.model} on {ds.name}: best validation epoch {result.best_epoch}")
+    print(_metrics_table(result.metrics))
+    if args.save:
+        mtd_fast.save(result.model, args.save)
+        print(f"model saved to {args.save}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "dataset": ds.name, "metrics": result.metrics,
+                                               "history": result.history, "best_epoch": result.best_epoch,
+                                               "backends": result.backends,
+                                               "model_config": dataclasses.asdict(result.model_config),
+                                               "train_config": dataclasses.asdict(result.train_config)},
+                                              indent=2, default=str))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import mtd_fast
+
+    model = mtd_fast.load(args.model_file, backend=args.backend)
+    ds = _load(args)
+    m = mtd_fast.evaluate(model, ds, split=args.split)
+    print(_fmt_table([{"split": args.split, **m}], ["split", *m.keys()]))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    ds = _load(args)
+    s = ds.stats()
+    print(_fmt_table([s], list(s.keys())))
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from .data import preprocess
+    from .data.pickle_io import write_pickle_layout
+
+    ds = preprocess(args.input, format=args.format, fraction=args.fraction)
+    write_pickle_layout(args.out, ds.sessions, ds.test)
+    s = ds.stats()
+    print(_fmt_table([s], list(s.keys())))
+    print(f"written to {args.out} (all_train_seq.txt, test.txt)")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiment import run_experiment
+
+    return run_experiment(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtd-fast", description="Fast MTD session-based recommendation")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model and print test metrics (validation-picked epoch)")
+    _add_data_flags(t)
+    t.add_argument("--model", default="mtd", help="mtd (default), an ablation (mtd-va, mtd-at, mtd-lo, mtd-ga) "
+                                                   "or a baseline (pop, spop, itemknn, gru4rec, narm, stamp, "
+                                                   "sasrec, srgnn, csrm, cosan)")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--backend", default="auto", help="auto | reference | cpp | numba | triton | ...")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--save", default=None, help="write the trained model here")
+    t.add_argument("--json", default=None, help="write metrics and history as JSON here")
+    _add_config_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a saved model")
+    e.add_argument("model_file")
+    _add_data_flags(e)
+    e.add_argument("--split", default="test", choices=["valid", "test"])
+    e.add_argument("--backend", default="auto")
+    e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("stats", help="dataset statistics (the paper's Table 1)")
+    _add_data_flags(s)
+    s.set_defaults(func=cmd_stats)
+
+    pr = sub.add_parser("preprocess", help="raw click log -> SR-GNN pickle layout")
+    pr.add_argument("input", help="raw file (Diginetica CSV, yoochoose-clicks.dat, GRU4Rec TSV, events.csv)")
+    pr.add_argument("--format", default=None, help="diginetica | yoochoose | yoochoose_tsv | retailrocket (auto)")
+    pr.add_argument("--fraction", type=float, default=1.0)
+    pr.add_argument("--out", required=True, help="output folder")
+    pr.set_defaults(func=cmd_preprocess)
+
+    x = sub.add_parser("experiment", help="paper experiments: table2 (accuracy tables)")
+    x.add_argument("name", choices=["table2"])
+    _add_data_flags(x)
+    x.add_argument("--models", nargs="+", default=None)
+    x.add_argument("--epochs", type=int, default=10)
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--backend", default="auto")
+    x.add_argument("--out", default="runs/table2", help="output folder for markdown and JSON")
+    x.add_argument("--quiet", action="store_true")
+    _add_config_flags(x)
+    x.set_defaults(func=cmd_experiment)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .config import ConfigError
+    from .data.store import DataError
+    from .ops.dispatch import BackendError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataError, ConfigError, BackendError, FileNotFoundError, TypeError, ValueError) as exc:
+        if os.environ.get("MTD_FAST_DEBUG"):
+            raise
+        print(f"mtd-fast: error: {exc}  (set MTD_FAST_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

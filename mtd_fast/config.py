@@ -1,0 +1,160 @@
+"""Configuration: two frozen dataclasses, validated on construction.
+
+`MTDConfig` holds what shapes a model, `TrainConfig` what drives training. Field names
+are unique across the two, so `mtd_fast.train(ds, **overrides)` can route any keyword
+to the right one (`split_overrides`) and reject unknown names with a `TypeError`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+__all__ = ["MTDConfig", "TrainConfig", "split_overrides", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A configuration value that makes no sense (names the field and the value)."""
+
+
+def _check(cond: bool, name: str, value: Any, want: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}={value!r} is invalid: {want}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class MTDConfig:
+    """Model shape of MTD (and the shared fields the baselines read).
+
+    Defaults follow `MTD_SPEC.md`: where paper and code differ the switch is here.
+    """
+
+    hidden_size: int = 100  # d
+    num_blocks: int = 1  # transformer blocks of the intra-session encoder
+    num_heads: int = 1  # must divide hidden_size
+    max_position: int = 200  # positions above are clipped to this one
+    max_session_length: Optional[int] = None  # keep only the most recent items when set
+    item_attention: str = "additive"  # "additive" (paper) or "product" (authors' code)
+    position_decay: float = 0.75  # gamma of the position-decay softmax
+    learn_position_decay: bool = False
+    use_self_attention: bool = True  # False: MTD-va / MTD-at (raw embeddings, no block)
+    use_position_decay: bool = True  # False: MTD-va (q = W [x_t ; x_s])
+    num_gcn_layers: int = 1
+    graph_encoder: str = "gcn"  # "gcn" or "gat" (MTD-ga)
+    graph_directed: bool = False
+    graph_weighted: bool = False
+    graph_norm: str = "sym"  # "sym", "mean" or "none"
+    # Baseline knobs (ignored by MTD); see each model file for what it reads.
+    gnn_steps: int = 1  # SR-GNN gated GNN propagation steps
+    knn_neighbors: int = 100  # ItemKNN neighbourhood size
+    memory_size: int = 512  # CSRM outer memory slots
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.hidden_size) and self.hidden_size > 0, "hidden_size", self.hidden_size, "a positive int")
+        _check(_is_int(self.num_blocks) and self.num_blocks >= 0, "num_blocks", self.num_blocks, "an int >= 0")
+        _check(_is_int(self.num_heads) and self.num_heads > 0, "num_heads", self.num_heads, "a positive int")
+        _check(self.hidden_size % self.num_heads == 0, "num_heads", self.num_heads,
+               f"must divide hidden_size={self.hidden_size}")
+        _check(_is_int(self.max_position) and self.max_position > 0, "max_position", self.max_position, "a positive int")
+        _check(self.max_session_length is None or (_is_int(self.max_session_length) and self.max_session_length > 0),
+               "max_session_length", self.max_session_length, "None or a positive int")
+        _check(self.item_attention in ("additive", "product"), "item_attention", self.item_attention,
+               "one of 'additive', 'product'")
+        _check(_is_num(self.position_decay), "position_decay", self.position_decay, "a finite number")
+        _check(_is_int(self.num_gcn_layers) and self.num_gcn_layers >= 1, "num_gcn_layers", self.num_gcn_layers,
+               "an int >= 1")
+        _check(self.graph_encoder in ("gcn", "gat"), "graph_encoder", self.graph_encoder, "one of 'gcn', 'gat'")
+        _check(self.graph_norm in ("sym", "mean", "none"), "graph_norm", self.graph_norm,
+               "one of 'sym', 'mean', 'none'")
+        for name in ("learn_position_decay", "use_self_attention", "use_position_decay", "graph_directed",
+                     "graph_weighted"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "a bool")
+        _check(_is_int(self.gnn_steps) and self.gnn_steps >= 1, "gnn_steps", self.gnn_steps, "an int >= 1")
+        _check(_is_int(self.knn_neighbors) and self.knn_neighbors >= 1, "knn_neighbors", self.knn_neighbors,
+               "an int >= 1")
+        _check(_is_int(self.memory_size) and self.memory_size >= 1, "memory_size", self.memory_size, "an int >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training schedule of `MTD_SPEC.md` section 4 (shared by every model)."""
+
+    batch_size: int = 512
+    eval_batch_size: int = 1024
+    lr: float = 1e-3
+    lr_decay_epochs: int = 30  # multiply lr by lr_decay after this many recommendation epochs
+    lr_decay: float = 0.1
+    l2: float = 1e-6
+    dropout: float = 0.3
+    patience: int = 3  # recommendation epochs without a better validation P@20 before stopping
+    rec_frequency: Optional[int] = None  # f; None: the dataset's default
+    graph_phases: int = 4
+    graph_steps: int = 1000
+    graph_patience: int = 10
+    eval_test_each_epoch: bool = True  # only for the separately labelled best-on-test figures
+    max_steps_per_epoch: Optional[int] = None  # cap batches per epoch (quick runs, benches)
+    num_threads: Optional[int] = None  # torch intra-op threads; None leaves torch's choice
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "eval_batch_size"):
+            v = getattr(self, name)
+            _check(_is_int(v) and v > 0, name, v, "a positive int")
+        _check(_is_num(self.lr) and self.lr > 0, "lr", self.lr, "a positive number")
+        _check(_is_int(self.lr_decay_epochs) and self.lr_decay_epochs >= 1, "lr_decay_epochs",
+               self.lr_decay_epochs, "an int >= 1")
+        _check(_is_num(self.lr_decay) and 0 < self.lr_decay <= 1, "lr_decay", self.lr_decay, "a number in (0, 1]")
+        _check(_is_num(self.l2) and self.l2 >= 0, "l2", self.l2, "a number >= 0")
+        _check(_is_num(self.dropout) and 0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
+        _check(_is_int(self.patience) and self.patience >= 1, "patience", self.patience, "an int >= 1")
+        _check(self.rec_frequency is None or (_is_int(self.rec_frequency) and self.rec_frequency >= 1),
+               "rec_frequency", self.rec_frequency, "None or an int >= 1")
+        for name in ("graph_phases", "graph_steps"):
+            v = getattr(self, name)
+            _check(_is_int(v) and v >= 0, name, v, "an int >= 0")
+        _check(_is_int(self.graph_patience) and self.graph_patience >= 1, "graph_patience", self.graph_patience,
+               "an int >= 1")
+        _check(self.max_steps_per_epoch is None or (_is_int(self.max_steps_per_epoch) and self.max_steps_per_epoch >= 1),
+               "max_steps_per_epoch", self.max_steps_per_epoch, "None or an int >= 1")
+        _check(self.num_threads is None or (_is_int(self.num_threads) and self.num_threads >= 1), "num_threads",
+               self.num_threads, "None or an int >= 1")
+        _check(isinstance(self.eval_test_each_epoch, bool), "eval_test_each_epoch", self.eval_test_each_epoch, "a bool")
+        _check(isinstance(self.device, str) and self.device.split(":")[0] in ("cpu", "cuda"), "device", self.device,
+               "'cpu', 'cuda' or 'cuda:N'")
+
+
+_MODEL_FIELDS = {f.name for f in fields(MTDConfig)}
+_TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
+assert not (_MODEL_FIELDS & _TRAIN_FIELDS), "field names must be unique across the two configs"
+
+
+def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Route keyword overrides to (MTDConfig fields, TrainConfig fields).
+
+    Raises TypeError naming the first unknown keyword.
+    """
+    model, train = {}, {}
+    for key, value in overrides.items():
+        if key in _MODEL_FIELDS:
+            model[key] = value
+        elif key in _TRAIN_FIELDS:
+            train[key] = value
+        else:
+            raise TypeError(
+                f"unknown option {key!r}: not a field of MTDConfig or TrainConfig "
+                f"(MTDConfig: {', '.join(sorted(_MODEL_FIELDS))}; TrainConfig: {', '.join(sorted(_TRAIN_FIELDS))})"
+            )
+    return model, train
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

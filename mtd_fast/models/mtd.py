@@ -1,0 +1,238 @@
+"""MTD: Huang et al., "Graph-Enhanced Multi-Task Learning of Multi-Level Transition
+Dynamics for Session-based Recommendation", AAAI 2021.
+
+Exactly `MTD_SPEC.md` (sections 2-3, 5): a position-aware self-attention session encoder
+with attentive + position-decay aggregation (intra-session), and a GCN over the global
+item graph trained with Deep Graph Infomax whose output is written back into the item
+table (inter-session). Where the paper and the authors' TF code differ, `MTDConfig` has
+the switch and the spec's default:
+- item attention: additive (paper) | product (code);
+- graph: undirected binary (code) | directed | weighted; normalization sym (paper) | mean | none (code);
+- positions above `max_position` (200) are clipped (the code's 20-row table zeroes them);
+- gamma = 0.75 (code constant), optionally learned.
+Ablations of Figure 3: MTD-va / MTD-at (`use_self_attention=False`, `use_position_decay`),
+MTD-lo (`graph_phases=0`), MTD-ga (`graph_encoder="gat"`).
+
+The hot ops go through `mtd_fast.ops` (session attention, aggregation, SpMM) so every
+backend computes the same function; dropout masks are drawn here, outside any kernel.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .. import ops
+from ..config import MTDConfig
+from ..ops.reference import position_index
+from .base import Batch, SessionModel
+
+__all__ = ["MTD", "GCNLayer", "GATLayer"]
+
+LN_EPS = 1e-8
+
+
+def _dropout_mask(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Tensor:
+    """Inverted-dropout keep mask scaled by 1/(1-p), drawn from torch's RNG."""
+    return (torch.rand(shape, device=like.device) >= p).to(like.dtype) / (1.0 - p)
+
+
+class SelfAttentionBlock(nn.Module):
+    """Post-LN transformer block of the spec (no Q/K/V biases, no output projection)."""
+
+    def __init__(self, d: int, num_heads: int, dropout: float, backend: Any) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.p = dropout
+        self.backend = backend
+        self.wq = nn.Linear(d, d, bias=False)
+        self.wk = nn.Linear(d, d, bias=False)
+        self.wv = nn.Linear(d, d, bias=False)
+        self.ln1 = nn.LayerNorm(d, eps=LN_EPS)
+        self.w1 = nn.Linear(d, d)
+        self.w2 = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d, eps=LN_EPS)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # x: (B, L, d)
+        b, L, _ = x.shape
+        mask = None
+        if self.training and self.p > 0:
+            mask = _dropout_mask((b, self.num_heads, L, L), self.p, x)
+        att = ops.session_attention(self.wq(x), self.wk(x), self.wv(x), lengths, num_heads=self.num_heads,
+                                    dropout_mask=mask, backend=self.backend)  # (B, L, d)
+        h1 = self.ln1(x + att)
+        ff = self.w2(F.dropout(F.relu(self.w1(h1)), self.p, self.training))
+        return self.ln2(h1 + F.dropout(ff, self.p, self.training))
+
+
+class GCNLayer(nn.Module):
+    """H' = tanh(LN(A_hat H W)), W d x d without bias (A_hat (H W) computed in that order)."""
+
+    def __init__(self, d: int, norm: str, backend: Any) -> None:
+        super().__init__()
+        self.weight = nn.Linear(d, d, bias=False)
+        self.ln = nn.LayerNorm(d, eps=LN_EPS)
+        self.norm = norm
+        self.backend = backend
+
+    def forward(self, h: torch.Tensor, graph) -> torch.Tensor:
+        return torch.tanh(self.ln(ops.spmm(graph, self.weight(h), norm=self.norm, backend=self.backend)))
+
+
+class GATLayer(nn.Module):
+    """MTD-ga: single-head graph attention over the same graph (edges of A + I), then
+    tanh(LN(.)) as in the GCN layer. e_ij = LeakyReLU(a_l . W h_i + a_r . W h_j),
+    softmax over the neighbours j of i (the CSR row). Pure PyTorch (gather/scatter)."""
+
+    def __init__(self, d: int, backend: Any = None) -> None:
+        super().__init__()
+        self.weight = nn.Linear(d, d, bias=False)
+        self.att_l = nn.Parameter(torch.empty(d))
+        self.att_r = nn.Parameter(torch.empty(d))
+        self.ln = nn.LayerNorm(d, eps=LN_EPS)
+        bound = math.sqrt(6.0 / (d + 1))
+        nn.init.uniform_(self.att_l, -bound, bound)
+        nn.init.uniform_(self.att_r, -bound, bound)
+
+    def forward(self, h: torch.Tensor, graph) -> torch.Tensor:
+        indptr, indices, _, _, _ = graph.torch_tensors(h.device)
+        n = h.shape[0]
+        rows = torch.repeat_interleave(torch.arange(n, device=h.device), indptr[1:] - indptr[:-1])
+        cols = indices.long()
+        wh = self.weight(h)  # (N, d)
+        e = F.leaky_relu((wh @ self.att_l)[rows] + (wh @ self.att_r)[cols], 0.2)  # (nnz,)
+        e_max = torch.full((n,), float("-inf"), device=h.device, dtype=e.dtype)
+        e_max = e_max.scatter_reduce(0, rows, e, reduce="amax").detach()
+        w = torch.exp(e - e_max[rows])
+        denom = torch.zeros(n, device=h.device, dtype=e.dtype).index_add_(0, rows, w)
+        alpha = w / denom[rows]
+        out = torch.zeros_like(wh).index_add_(0, rows, alpha[:, None] * wh[cols])
+        return torch.tanh(self.ln(out))
+
+
+class MTD(SessionModel):
+    """The MTD model. Shapes: items (B, L) left-aligned, 0-padded; lengths (B,) >= 1."""
+
+    name = "mtd"
+    uses_global_graph = True
+
+    def __init__(self, n_items: int, config: Optional[MTDConfig] = None, dropout: float = 0.3,
+                 backend: Any = None) -> None:
+        super().__init__(n_items, config, dropout, backend)
+        cfg = self.config
+        d = cfg.hidden_size
+        self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)  # E, row 0 = padding
+        self.pos_emb = nn.Embedding(cfg.max_position + 1, d, padding_idx=0)  # P, row 0 = padding
+        n_blocks = cfg.num_blocks if cfg.use_self_attention else 0
+        self.blocks = nn.ModuleList(SelfAttentionBlock(d, cfg.num_heads, dropout, backend) for _ in range(n_blocks))
+        if cfg.item_attention == "additive":
+            self.att_last = nn.Linear(d, d, bias=False)  # W3
+            self.att_item = nn.Linear(d, d, bias=False)  # W4
+        else:
+            self.att_last = nn.Linear(d, d, bias=False)  # shared W of the code's product form
+            self.att_item = self.att_last
+        self.att_vec = nn.Parameter(torch.empty(d))  # g (paper) / w (code)
+        gamma = torch.tensor(float(cfg.position_decay))
+        if cfg.learn_position_decay:
+            self.gamma = nn.Parameter(gamma)
+        else:
+            self.register_buffer("gamma", gamma)
+        n_parts = 3 if cfg.use_position_decay else 2
+        self.combine = nn.Linear(n_parts * d, d, bias=False)  # W_c
+        # ---- inter-session (graph) side ----
+        if cfg.graph_encoder == "gcn":
+            self.gnn = nn.ModuleList(GCNLayer(d, cfg.graph_norm, backend) for _ in range(cfg.num_gcn_layers))
+        else:
+            self.gnn = nn.ModuleList(GATLayer(d, backend) for _ in range(cfg.num_gcn_layers))
+        self.discriminator = nn.Linear(d, d, bias=False)  # W_D
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        d = self.config.hidden_size
+        bound = 1.0 / math.sqrt(d)
+        uniform = [self.item_emb.weight, self.pos_emb.weight]
+        for blk in self.blocks:
+            uniform += [blk.wq.weight, blk.wk.weight, blk.wv.weight]
+        for w in uniform:
+            nn.init.uniform_(w, -bound, bound)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+            self.pos_emb.weight[0].zero_()
+        glorot = [self.att_last.weight, self.att_item.weight, self.combine.weight, self.discriminator.weight]
+        for blk in self.blocks:
+            glorot += [blk.w1.weight, blk.w2.weight]
+            nn.init.zeros_(blk.w1.bias)
+            nn.init.zeros_(blk.w2.bias)
+        for layer in self.gnn:
+            glorot.append(layer.weight.weight)
+        for w in glorot:
+            nn.init.xavier_uniform_(w)
+        nn.init.uniform_(self.att_vec, -math.sqrt(6.0 / (d + 1)), math.sqrt(6.0 / (d + 1)))  # Glorot for (d, 1)
+
+    # ---- parameter groups ------------------------------------------------------------------
+    def graph_parameters(self) -> list[nn.Parameter]:
+        return list(self.gnn.parameters()) + list(self.discriminator.parameters())
+
+    def rec_parameters(self) -> list[nn.Parameter]:
+        graph = {id(p) for p in self.graph_parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in graph]
+
+    # ---- intra-session encoder -------------------------------------------------------------
+    def encode(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Session representation q (B, d) before scoring."""
+        cfg = self.config
+        b, L = items.shape
+        if cfg.use_self_attention:
+            pos = position_index(lengths, L).clamp_max(cfg.max_position)
+            h = F.dropout(self.item_emb(items) + self.pos_emb(pos), self.dropout_p, self.training)  # X0
+            for blk in self.blocks:
+                h = blk(h, lengths)  # (B, L, d)
+        else:  # MTD-va / MTD-at: raw item embeddings
+            h = F.dropout(self.item_emb(items), self.dropout_p, self.training)
+        last = h[torch.arange(b, device=items.device), lengths - 1]  # x_t (B, d)
+        x_s, p_s = ops.aggregate(h, self.att_item(h), self.att_last(last), self.att_vec, lengths,
+                                 gamma=self.gamma, mode=cfg.item_attention, backend=self.backend)
+        parts = [last, x_s, p_s] if cfg.use_position_decay else [last, x_s]
+        return F.dropout(self.combine(torch.cat(parts, dim=-1)), self.dropout_p, self.training)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.encode(batch["items"], batch["lengths"])
+
+    def scores(self, batch: Batch) -> torch.Tensor:
+        return self.forward(batch) @ self.item_emb.weight[1:].t()  # (B, M), tied embeddings
+
+    # ---- inter-session encoder -------------------------------------------------------------
+    def graph_encode(self, h0: torch.Tensor, graph) -> torch.Tensor:
+        h = h0
+        for layer in self.gnn:
+            h = layer(h, graph)
+        return h
+
+    def dgi_loss(self, graph, h0: Optional[torch.Tensor] = None,
+                 perm: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Deep Graph Infomax loss (BCE part only) and H, with H^0 = E[nodes] frozen.
+
+        Corruption permutes the rows of H^0 (a fresh permutation unless `perm` is given).
+        """
+        nodes = graph.torch_tensors(self.device)[4]
+        if h0 is None:
+            h0 = self.item_emb.weight.detach()[nodes]
+        if perm is None:
+            perm = torch.randperm(h0.shape[0], device=h0.device)
+        h = self.graph_encode(h0, graph)  # (N, d)
+        h_neg = self.graph_encode(h0[perm], graph)
+        c = torch.sigmoid(h.mean(0))  # readout (d,)
+        wc = self.discriminator.weight.t() @ c  # D(h) = c^T W_D h = h . (W_D^T c)
+        logits = torch.cat([h @ wc, h_neg @ wc])
+        labels = torch.cat([torch.ones(h.shape[0], device=h.device), torch.zeros(h.shape[0], device=h.device)])
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype)), h
+
+    @torch.no_grad()
+    def write_back(self, graph, h: torch.Tensor) -> None:
+        """E[nodes] = H (hard overwrite)."""
+        nodes = graph.torch_tensors(self.device)[4]
+        self.item_emb.weight[nodes] = h.to(self.item_emb.weight.dtype)
