@@ -101,8 +101,9 @@ def transition_pairs(sessions: Sessions) -> tuple[np.ndarray, np.ndarray]:
 def global_graph_ref(sessions: Sessions, n_items: int, directed: bool = False, weighted: bool = False) -> GlobalGraph:
     """Global item-transition graph of the training sessions (`MTD_SPEC.md` section 3)."""
     src, dst = transition_pairs(sessions)
-    if src.size and max(src.max(), dst.max()) > n_items:
-        raise ValueError(f"item id {int(max(src.max(), dst.max()))} is out of range for n_items={n_items}")
+    if src.size and (max(src.max(), dst.max()) > n_items or min(src.min(), dst.min()) < 0):
+        bad = int(max(src.max(), dst.max())) if max(src.max(), dst.max()) > n_items else int(min(src.min(), dst.min()))
+        raise ValueError(f"item id {bad} is out of range for n_items={n_items}")
     if not directed:
         src, dst = np.concatenate([src, dst]), np.concatenate([dst, src])
     nodes = np.unique(np.concatenate([src, dst]))

@@ -1,0 +1,186 @@
+"""MTD model: shapes, masks, initialisation, and the multi-task schedule."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import mtd_fast
+from mtd_fast import MTD, MTDConfig, TrainConfig
+from mtd_fast.config import ConfigError
+from mtd_fast.data import Sessions, pad_batch
+from mtd_fast.graph import global_graph_ref
+
+SMALL = dict(hidden_size=16)
+
+
+def make(n_items=30, **kw):
+    torch.manual_seed(0)
+    return MTD(n_items, MTDConfig(**{**SMALL, **kw}), dropout=0.3)
+
+
+def batch_of(model, seqs):
+    return model.batch_from_sessions(Sessions.from_lists(seqs), np.arange(len(seqs)))
+
+
+def test_initialisation_follows_spec():
+    m = make()
+    d = 16
+    assert torch.all(m.item_emb.weight[0] == 0) and torch.all(m.pos_emb.weight[0] == 0)
+    assert m.item_emb.weight.abs().max() <= 1 / d ** 0.5
+    blk = m.blocks[0]
+    assert blk.wq.bias is None and blk.wk.bias is None and blk.wv.bias is None
+    assert torch.all(blk.w1.bias == 0) and torch.all(blk.ln1.weight == 1) and blk.ln1.eps == 1e-8
+    assert m.combine.weight.shape == (d, 3 * d) and m.combine.bias is None
+
+
+@pytest.mark.parametrize("kw", [{}, {"item_attention": "product"}, {"num_heads": 4, "num_blocks": 2},
+                                {"use_self_attention": False, "use_position_decay": False},
+                                {"use_self_attention": False}, {"learn_position_decay": True}])
+def test_padding_invariance_and_shapes(kw):
+    m = make(**kw).eval()
+    seqs = [[3, 4, 5], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [2, 2]]
+    full = m.scores(batch_of(m, seqs))
+    assert full.shape == (4, 30) and torch.isfinite(full).all()
+    for i, s in enumerate(seqs):
+        alone = m.scores(batch_of(m, [s]))
+        assert torch.allclose(alone[0], full[i], atol=1e-5), i
+
+
+def test_padding_row_gets_no_gradient():
+    m = make().train()
+    b = batch_of(m, [[1, 2], [3]])
+    m.loss(b, torch.tensor([4, 5])).backward()
+    assert torch.all(m.item_emb.weight.grad[0] == 0) and torch.all(m.pos_emb.weight.grad[0] == 0)
+
+
+def test_long_sessions_clip_positions():
+    m = make(max_position=4).eval()
+    s = m.scores(batch_of(m, [list(range(1, 11))]))  # 10 clicks, positions 5..10 clip to 4
+    assert torch.isfinite(s).all()
+    m2 = make(max_session_length=3).eval()
+    a = m2.scores(batch_of(m2, [list(range(1, 11))]))
+    b = m2.scores(batch_of(m2, [[8, 9, 10]]))
+    assert torch.allclose(a, b)  # only the most recent 3 clicks count
+
+
+def test_config_validation_names_field():
+    with pytest.raises(ConfigError, match="num_heads=3 is invalid: must divide hidden_size=100"):
+        MTDConfig(num_heads=3)
+    with pytest.raises(ConfigError, match="graph_norm='row'"):
+        MTDConfig(graph_norm="row")
+    with pytest.raises(ConfigError, match="dropout=1.5"):
+        TrainConfig(dropout=1.5)
+    with pytest.raises(ConfigError, match="batch_size=0"):
+        TrainConfig(batch_size=0)
+
+
+def test_recommend_validates_input():
+    m = make()
+    top = m.recommend([[1, 2, 3], [4]], k=5)
+    assert top.shape == (2, 5) and top.dtype == torch.long
+    assert top.min() >= 1 and top.max() <= 30
+    with pytest.raises(ValueError, match="empty"):
+        m.recommend([[1], []])
+    with pytest.raises(ValueError, match=r"sessions\[0\]\[1\] = 31 is not an item id in 1..30"):
+        m.recommend([[1, 31]])
+    with pytest.raises(ValueError, match="k=0"):
+        m.recommend([[1]], k=0)
+
+
+def toy_dataset():
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 21, size=rng.integers(2, 7)).tolist() for _ in range(200)]
+    test = mtd_fast.data.expand_samples(Sessions.from_lists(seqs[-20:]))
+    return mtd_fast.data.Dataset("toy", Sessions.from_lists(seqs[:-20]), test, n_items=25)
+
+
+def test_graph_phase_changes_item_table_and_rec_phase_leaves_gcn_alone(monkeypatch):
+    ds = toy_dataset()
+    snaps = {}
+    import sys
+
+    tr = sys.modules["mtd_fast.train"]  # the module (the package attribute `train` is the function)
+
+    real_graph_phase, real_rec_epoch = tr._graph_phase, tr._rec_epoch
+
+    def graph_phase(net, graph, *a, **k):
+        snaps["E_before_graph"] = net.item_emb.weight.detach().clone()
+        snaps["gcn_before_graph"] = [p.detach().clone() for p in net.graph_parameters()]
+        out = real_graph_phase(net, graph, *a, **k)
+        snaps["E_after_graph"] = net.item_emb.weight.detach().clone()
+        snaps["nodes"] = torch.from_numpy(graph.nodes)
+        snaps["gcn_after_graph"] = [p.detach().clone() for p in net.graph_parameters()]
+        return out
+
+    def rec_epoch(net, *a, **k):
+        out = real_rec_epoch(net, *a, **k)
+        snaps["gcn_after_rec"] = [p.detach().clone() for p in net.graph_parameters()]
+        return out
+
+    monkeypatch.setattr(tr, "_graph_phase", graph_phase)
+    monkeypatch.setattr(tr, "_rec_epoch", rec_epoch)
+    res = mtd_fast.train(ds, epochs=1, quiet=True, hidden_size=16, graph_steps=5, batch_size=64,
+                         eval_test_each_epoch=False)
+    nodes = snaps["nodes"]
+    before, after = snaps["E_before_graph"], snaps["E_after_graph"]
+    assert not torch.allclose(before[nodes], after[nodes])  # write-back happened
+    others = torch.ones(before.shape[0], dtype=torch.bool)
+    others[nodes] = False
+    assert torch.equal(before[others], after[others])  # items off the graph untouched
+    assert after[nodes].abs().max() <= 1.0  # H = tanh(...)
+    assert any(not torch.equal(a, b) for a, b in zip(snaps["gcn_before_graph"], snaps["gcn_after_graph"]))
+    assert all(torch.equal(a, b) for a, b in zip(snaps["gcn_after_graph"], snaps["gcn_after_rec"]))
+    assert res.history[0]["graph_loss"] is not None and res.history[0]["graph_steps"] >= 1
+
+
+def test_dgi_loss_by_hand():
+    ds = toy_dataset()
+    m = make(n_items=25)
+    g = global_graph_ref(ds.train_sessions, 25)
+    n = g.num_nodes
+    perm = torch.randperm(n)
+    loss, h = m.dgi_loss(g, perm=perm)
+    # H = tanh(LN(A_hat H0 W)) with the dense symmetric normalization; corrupted rows permuted
+    a = torch.from_numpy(g.to_scipy("sym").toarray()).float()
+    h0 = m.item_emb.weight.detach()[torch.from_numpy(g.nodes)]
+    layer = m.gnn[0]
+    enc = lambda x: torch.tanh(layer.ln(a @ layer.weight(x)))
+    h_pos, h_neg = enc(h0), enc(h0[perm])
+    c = torch.sigmoid(h_pos.mean(0))
+    w = m.discriminator.weight
+    pos = torch.stack([c @ w @ h_pos[i] for i in range(n)])
+    neg = torch.stack([c @ w @ h_neg[i] for i in range(n)])
+    expect = (torch.nn.functional.softplus(-pos).sum() + torch.nn.functional.softplus(neg).sum()) / (2 * n)
+    assert torch.allclose(loss, expect, atol=1e-5)
+    assert torch.allclose(h, h_pos, atol=1e-5)
+    # corruption matters: the identity permutation gives a different loss
+    assert not torch.allclose(m.dgi_loss(g, perm=torch.arange(n))[0], loss)
+
+
+def test_graph_phase_schedule():
+    ds = toy_dataset()
+    res = mtd_fast.train(ds, epochs=5, quiet=True, hidden_size=8, graph_steps=3, rec_frequency=2, graph_phases=2,
+                         patience=10, batch_size=128, eval_test_each_epoch=False)
+    ran = [h["graph_loss"] is not None for h in res.history]
+    assert ran == [True, False, True, False, False]  # r % f == 0 and r // f < graph_phases
+    lo = mtd_fast.train(ds, model="mtd-lo", epochs=2, quiet=True, hidden_size=8, batch_size=128)
+    assert all(h["graph_loss"] is None for h in lo.history)
+
+
+def test_lr_decay_steps():
+    ds = toy_dataset()
+    res = mtd_fast.train(ds, epochs=4, quiet=True, hidden_size=8, graph_phases=0, lr_decay_epochs=2, patience=10,
+                         batch_size=128, eval_test_each_epoch=False)
+    assert [h["lr"] for h in res.history] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
+
+
+def test_ablations_build_and_conflicts_raise():
+    ds = toy_dataset()
+    for name in ("mtd-va", "mtd-at", "mtd-ga"):
+        r = mtd_fast.train(ds, model=name, epochs=1, quiet=True, hidden_size=8, graph_steps=2, batch_size=128)
+        assert np.isfinite(r.metrics["P@20"])
+    assert len(mtd_fast.train(ds, model="mtd-va", epochs=1, quiet=True, hidden_size=8, graph_phases=0,
+                              batch_size=128).model.blocks) == 0
+    with pytest.raises(ValueError, match="fixes graph_phases=0"):
+        mtd_fast.train(ds, model="mtd-lo", graph_phases=2)

@@ -1,0 +1,143 @@
+"""Training API: result contract, validation-only model selection, learning, save/load, errors."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import mtd_fast
+from mtd_fast.metrics import METRIC_KEYS, MetricAccumulator, ranks_from_scores
+
+FAST = dict(graph_steps=50, quiet=True)
+
+
+def pop_p20(ds):
+    counts = np.bincount(ds.train_sessions.items, minlength=ds.n_items + 1)[1:].astype(np.float32)
+    scores = torch.from_numpy(counts)[None].expand(len(ds.test), -1)
+    acc = MetricAccumulator()
+    acc.add(ranks_from_scores(scores, torch.from_numpy(ds.test.targets.astype(np.int64))))
+    return acc.result()["P@20"]
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic):
+    return mtd_fast.train(synthetic, epochs=2, seed=0, **FAST)
+
+
+def test_result_contract(trained):
+    r = trained
+    assert set(METRIC_KEYS) <= set(r.metrics)
+    assert set(r.metrics["best_on_test"]) == set(METRIC_KEYS)
+    for k in METRIC_KEYS:
+        assert 0 <= r.metrics[k] <= 100 and r.metrics["best_on_test"][k] >= r.metrics[k] - 1e-9
+    assert len(r.history) == 2
+    for h in r.history:
+        for key in ("epoch", "train_loss", "graph_loss", "graph_seconds", "train_seconds", "valid"):
+            assert key in h
+        assert set(h["valid"]) == set(METRIC_KEYS)
+    assert r.history[0]["graph_loss"] is not None  # f = 1 on synthetic data
+    assert r.best_epoch in (1, 2)
+    assert set(r.backends) == set(mtd_fast.available_backends())
+
+
+def test_mtd_learns_and_beats_popularity(synthetic, trained):
+    pop = pop_p20(synthetic)
+    assert trained.metrics["P@20"] > 1.5 * pop, (trained.metrics["P@20"], pop)
+
+
+def test_model_selection_never_looks_at_test(synthetic, monkeypatch):
+    """Script the evaluations: validation is best at epoch 2, test at epoch 3."""
+    tr = sys.modules["mtd_fast.train"]
+    valid_p20 = iter([10.0, 30.0, 20.0, 15.0, 12.0])
+    test_p20 = iter([1.0, 2.0, 50.0, 3.0, 4.0])
+
+    def fake_eval(model, samples, *a, **k):
+        which = "valid" if samples is synthetic.valid else "test"
+        if which == "test" and not hasattr(fake_eval, "done"):
+            v = next(test_p20, None)
+            if v is None:  # the final evaluation after restoring the best weights
+                fake_eval.done = True
+                return {key: -1.0 for key in METRIC_KEYS}
+        elif which == "test":
+            return {key: -1.0 for key in METRIC_KEYS}
+        else:
+            v = next(valid_p20)
+        return {key: v for key in METRIC_KEYS}
+
+    monkeypatch.setattr(tr, "evaluate_samples", fake_eval)
+    r = mtd_fast.train(synthetic, epochs=5, patience=3, graph_phases=0, max_steps_per_epoch=1, **FAST)
+    assert r.best_epoch == 2  # chosen on validation, not on test (test peaks at epoch 3)
+    assert len(r.history) == 5  # epochs 3, 4, 5 did not beat epoch 2: stopped after patience=3
+    assert r.metrics["best_on_test"]["P@20"] == 50.0  # the published protocol, reported apart
+
+
+def test_early_stopping_stops(synthetic, monkeypatch):
+    tr = sys.modules["mtd_fast.train"]
+    vals = iter([5.0, 4.0, 3.0, 2.0, 1.0, 0.5])
+
+    def fake_eval(model, samples, *a, **k):
+        v = next(vals) if samples is synthetic.valid else 0.0
+        return {key: v for key in METRIC_KEYS}
+
+    monkeypatch.setattr(tr, "evaluate_samples", fake_eval)
+    r = mtd_fast.train(synthetic, epochs=10, patience=2, graph_phases=0, max_steps_per_epoch=1, **FAST)
+    assert len(r.history) == 3 and r.best_epoch == 1
+
+
+def test_best_weights_are_restored(synthetic):
+    r = mtd_fast.train(synthetic, epochs=2, graph_phases=0, max_steps_per_epoch=3, eval_test_each_epoch=False, **FAST)
+    again = mtd_fast.evaluate(r.model, synthetic, split="valid")
+    assert again == pytest.approx(r.history[r.best_epoch - 1]["valid"])
+    assert r.metrics["best_on_test"] is None
+
+
+def test_seed_reproducible(synthetic):
+    a = mtd_fast.train(synthetic, epochs=1, seed=7, max_steps_per_epoch=4, **FAST)
+    b = mtd_fast.train(synthetic, epochs=1, seed=7, max_steps_per_epoch=4, **FAST)
+    c = mtd_fast.train(synthetic, epochs=1, seed=8, max_steps_per_epoch=4, **FAST)
+    assert a.history[0]["train_loss"] == b.history[0]["train_loss"]
+    assert a.history[0]["train_loss"] != c.history[0]["train_loss"]
+
+
+def test_save_load_roundtrip(tmp_path, trained, synthetic):
+    path = tmp_path / "mtd.pt"
+    mtd_fast.save(trained.model, path)
+    model = mtd_fast.load(path)
+    sessions = [[12, 7, 7, 301], [5], [1, 2, 3]]
+    assert torch.equal(model.recommend(sessions, k=20), trained.model.recommend(sessions, k=20))
+    assert mtd_fast.evaluate(model, synthetic) == pytest.approx({k: trained.metrics[k] for k in METRIC_KEYS})
+
+
+def test_load_refuses_foreign_files(tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a mtd_fast model file"):
+        mtd_fast.load(tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00\x01junk")
+    with pytest.raises(ValueError, match="not a mtd_fast model file"):
+        mtd_fast.load(tmp_path / "junk.pt")
+    with pytest.raises(FileNotFoundError):
+        mtd_fast.load(tmp_path / "missing.pt")
+
+
+def test_bad_arguments_are_named(synthetic):
+    with pytest.raises(TypeError, match="unknown option 'learning_rate'"):
+        mtd_fast.train(synthetic, learning_rate=0.1)
+    with pytest.raises(ValueError, match="unknown model 'gpt'"):
+        mtd_fast.train(synthetic, model="gpt")
+    with pytest.raises(ValueError, match="epochs=0"):
+        mtd_fast.train(synthetic, epochs=0)
+    with pytest.raises(ValueError, match="lr=-1"):
+        mtd_fast.train(synthetic, lr=-1)
+    with pytest.raises(TypeError, match="Dataset"):
+        mtd_fast.train([[1, 2, 3]])
+    with pytest.raises(ValueError, match="split='train'"):
+        mtd_fast.evaluate(mtd_fast.MTD(500), synthetic, split="train")
+    with pytest.raises(ValueError, match="beyond|cannot rank"):
+        mtd_fast.evaluate(mtd_fast.MTD(10), synthetic)
+
+
+def test_reference_backend_forced(synthetic):
+    r = mtd_fast.train(synthetic, epochs=1, backend="reference", max_steps_per_epoch=2, **FAST)
+    assert set(r.backends.values()) == {"reference"}
