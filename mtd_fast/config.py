@@ -56,7 +56,9 @@ class MTDConfig:
     # Baseline knobs (ignored by MTD); see each model file for what it reads.
     gnn_steps: int = 1  # SR-GNN gated GNN propagation steps
     knn_neighbors: int = 100  # ItemKNN neighbourhood size
-    memory_size: int = 512  # CSRM outer memory slots
+    memory_size: int = 512  # CSRM / CoSAN memory slots (recent training sessions)
+    memory_neighbors: int = 512  # CSRM: slots read from the outer memory (authors' code)
+    cosan_neighbors: int = 10  # CoSAN: neighbour sessions retrieved per item
 
     def __post_init__(self) -> None:
         _check(_is_int(self.hidden_size) and self.hidden_size > 0, "hidden_size", self.hidden_size, "a positive int")
@@ -81,7 +83,9 @@ class MTDConfig:
         _check(_is_int(self.gnn_steps) and self.gnn_steps >= 1, "gnn_steps", self.gnn_steps, "an int >= 1")
         _check(_is_int(self.knn_neighbors) and self.knn_neighbors >= 1, "knn_neighbors", self.knn_neighbors,
                "an int >= 1")
-        _check(_is_int(self.memory_size) and self.memory_size >= 1, "memory_size", self.memory_size, "an int >= 1")
+        for name in ("memory_size", "memory_neighbors", "cosan_neighbors"):
+            v = getattr(self, name)
+            _check(_is_int(v) and v >= 1, name, v, "an int >= 1")
 
 
 @dataclass(frozen=True)
