@@ -56,6 +56,7 @@ class MTDConfig:
     # Baseline knobs (ignored by MTD); see each model file for what it reads.
     gnn_steps: int = 1  # SR-GNN gated GNN propagation steps
     knn_neighbors: int = 100  # ItemKNN neighbourhood size
+    knn_shrink: float = 20.0  # ItemKNN similarity shrinkage lambda (GRU4Rec baseline code)
     memory_size: int = 512  # CSRM / CoSAN memory slots (recent training sessions)
     memory_neighbors: int = 512  # CSRM: slots read from the outer memory (authors' code)
     cosan_neighbors: int = 10  # CoSAN: neighbour sessions retrieved per item
@@ -83,6 +84,7 @@ class MTDConfig:
         _check(_is_int(self.gnn_steps) and self.gnn_steps >= 1, "gnn_steps", self.gnn_steps, "an int >= 1")
         _check(_is_int(self.knn_neighbors) and self.knn_neighbors >= 1, "knn_neighbors", self.knn_neighbors,
                "an int >= 1")
+        _check(_is_num(self.knn_shrink) and self.knn_shrink >= 0, "knn_shrink", self.knn_shrink, "a number >= 0")
         for name in ("memory_size", "memory_neighbors", "cosan_neighbors"):
             v = getattr(self, name)
             _check(_is_int(v) and v >= 1, name, v, "an int >= 1")

@@ -1,0 +1,90 @@
+"""NARM: Li, Ren, Chen, Ren, Lian, Ma, "Neural Attentive Session-based
+Recommendation", CIKM 2017.
+
+A GRU encodes the session. Global encoder: c_g = h_t, the state after the last click.
+Local encoder: c_l = sum_j alpha_tj h_j with alpha_tj = v^T sigmoid(A1 h_t + A2 h_j)
+(paper eq. 6-7: an additive score, not softmax-normalized). Session c_t = [c_g; c_l]
+(2h); bi-linear decoder S_i = emb_i^T B c_t with B (d x 2h) and the same item
+embeddings as the input (tied), softmax over all items.
+
+Published P@20 / MRR@20: Yoochoose 1/64 68.32 / 28.63 (the NARM paper's comparison;
+repeated in SR-GNN, Wu et al. AAAI 2019, Table 2); Diginetica 49.70 / 16.17 (SR-GNN
+Table 2, on STAMP's Diginetica preprocessing, the split used here). The NARM paper's
+own 62.58 / 27.35 on Diginetica is on its different Diginetica split: not comparable.
+
+Deliberate deviations:
+- item embedding size = GRU size = `hidden_size` (100); the paper used 50 and 100;
+- dropout `TrainConfig.dropout` (0.3) both after the embeddings and on c_t (the paper:
+  0.25 and 0.5); Adam lr 1e-3 and batch 512 of the shared schedule (paper: lr 1e-3,
+  batch 512, too);
+- attention as written in the paper (sigmoid, unnormalized, padding weighted 0); the
+  authors' Theano code, as we read it, uses a hard sigmoid and a masked softmax.
+
+Padding: the GRU runs on a packed sequence (`gru4rec.run_gru`), padded states are 0 and
+their attention weights are masked to 0, so batching never changes a session's scores.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ..config import MTDConfig
+from .base import Batch, SessionModel
+from .gru4rec import rnn_batch, run_gru
+
+__all__ = ["NARM"]
+
+
+class NARM(SessionModel):
+    """Hybrid (global + local attentive) GRU encoder, bi-linear decoder over tied embeddings."""
+
+    name = "narm"
+
+    def __init__(self, n_items: int, config: Optional[MTDConfig] = None, dropout: float = 0.3,
+                 backend: Any = None) -> None:
+        super().__init__(n_items, config, dropout, backend)
+        d = self.config.hidden_size
+        self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
+        self.gru = nn.GRU(d, d, batch_first=True)
+        self.a1 = nn.Linear(d, d, bias=False)  # applied to h_t
+        self.a2 = nn.Linear(d, d, bias=False)  # applied to h_j
+        self.v = nn.Linear(d, 1, bias=False)
+        self.bilinear = nn.Linear(2 * d, d, bias=False)  # B (d x 2h)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        d = self.config.hidden_size
+        bound = 1.0 / math.sqrt(d)
+        nn.init.uniform_(self.item_emb.weight, -bound, bound)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        for lin in (self.a1, self.a2, self.v, self.bilinear):
+            nn.init.xavier_uniform_(lin.weight)
+        for name, w in self.gru.named_parameters():
+            if name.startswith("weight"):
+                nn.init.xavier_uniform_(w)
+            else:
+                nn.init.zeros_(w)
+
+    def prepare_batch(self, items: np.ndarray, lengths: np.ndarray) -> Batch:
+        return rnn_batch(self, items, lengths)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Session representation after the bi-linear map, B c_t: (B, d)."""
+        items, lengths = batch["items"], batch["lengths"]
+        x = F.dropout(self.item_emb(items), self.dropout_p, self.training)  # (B, L, d)
+        c_g, h = run_gru(self.gru, x, batch, outputs=True)  # (B, d), (B, L, d)
+        mask = torch.arange(items.shape[1], device=items.device)[None, :] < lengths[:, None]  # (B, L)
+        alpha = self.v(torch.sigmoid(self.a1(c_g)[:, None, :] + self.a2(h))).squeeze(-1)  # (B, L)
+        alpha = alpha * mask.to(alpha.dtype)
+        c_l = torch.bmm(alpha[:, None, :], h).squeeze(1)  # (B, d)
+        c = F.dropout(torch.cat([c_g, c_l], dim=-1), self.dropout_p, self.training)  # (B, 2d)
+        return self.bilinear(c)
+
+    def scores(self, batch: Batch) -> torch.Tensor:
+        return self.forward(batch) @ self.item_emb.weight[1:].t()  # (B, M)
