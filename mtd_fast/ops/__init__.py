@@ -1,8 +1,8 @@
 """The hot ops of MTD, one public function each, with a `backend=` argument.
 
 Backends (see `dispatch.py` for the selection rules):
-- session_attention: reference | triton
-- aggregate:         reference | triton
+- session_attention: reference | packed (CPU auto: length-bucketed, valid rows only) | triton (CUDA auto)
+- aggregate:         reference | packed (CPU auto)                                  | triton (CUDA auto)
 - spmm:              reference | cpp
 - global_graph:      reference | numba
 - session_graphs:    reference | numba
@@ -32,9 +32,12 @@ def _triton_devices() -> tuple[str, ...]:
 register("session_attention", "reference", "mtd_fast.ops.reference:session_attention_ref", rank=100)
 register("session_attention", "triton", "mtd_fast.kernels.session_attention:session_attention_triton", rank=0,
          auto_devices=("cuda",), devices=_triton_devices)
+register("session_attention", "packed", "mtd_fast.ops.packed:session_attention_packed", rank=50,
+         auto_devices=("cpu",))
 register("aggregate", "reference", "mtd_fast.ops.reference:aggregate_ref", rank=100)
 register("aggregate", "triton", "mtd_fast.kernels.aggregate:aggregate_triton", rank=0,
          auto_devices=("cuda",), devices=_triton_devices)
+register("aggregate", "packed", "mtd_fast.ops.packed:aggregate_packed", rank=50, auto_devices=("cpu",))
 register("spmm", "reference", "mtd_fast.ops.reference:spmm_ref", rank=100)
 register("spmm", "cpp", "mtd_fast.ops.cpp:spmm_cpp", rank=0, auto_devices=("cpu",), devices=lambda: ("cpu",))
 register("global_graph", "reference", "mtd_fast.graph.reference:global_graph_ref", rank=100)
