@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from mtd_fast.train import dgi_step, train_step  # the trainer's own steps, timed as they run
+
 # --------------------------------------------------------------------------- names
 ALL_MODELS = ("mtd", "gru4rec", "narm", "stamp", "sasrec", "srgnn", "csrm", "cosan")
 PEER_MODELS = ("gru4rec", "narm", "stamp", "sasrec", "srgnn")  # what RecBole 1.2.1 implements
@@ -162,25 +164,6 @@ def plan_batches(n: int, batch_size: int, count: int, seed: int) -> list[np.ndar
     return out
 
 
-def train_step(net, samples, idx: np.ndarray, opt, params, l2: float) -> float:
-    """One training step exactly as `mtd_fast.train._rec_epoch` does it (batch building,
-    forward, loss + l2, backward, Adam step, loss read back to the host)."""
-    import torch
-
-    batch = net.batch_from_sessions(samples.prefixes, idx)
-    targets = torch.from_numpy(samples.targets[idx].astype(np.int64)).to(net.device)
-    loss = net.loss(batch, targets)
-    if l2:
-        loss = loss + l2 * net.l2_penalty(params)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise FloatingPointError(f"training loss became {value}")
-    return value
-
-
 def _grad_report(params) -> dict:
     import torch
 
@@ -195,34 +178,21 @@ def checked_train_step(net, samples, idx: np.ndarray, opt, params, l2: float) ->
     finite parameters after the Adam step. Returns what it saw; "ok" says all held."""
     import torch
 
-    batch = net.batch_from_sessions(samples.prefixes, idx)
-    targets = torch.from_numpy(samples.targets[idx].astype(np.int64)).to(net.device)
-    loss = net.loss(batch, targets)
-    if l2:
-        loss = loss + l2 * net.l2_penalty(params)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    rep = _grad_report(params)
-    opt.step()
-    value = float(loss.detach())
+    rep: dict = {}
+
+    def inspect(batch):
+        rep.update(_grad_report(params))
+        rep["batch_width"] = int(batch["items"].shape[1]) if "items" in batch else None
+
+    try:
+        value = train_step(net, samples, idx, opt, params, l2, on_grads=inspect)
+    except FloatingPointError:
+        value = float("nan")
     rep.update(loss=value, params_finite=bool(all(torch.isfinite(p).all() for p in params)),
-               batch_rows=int(len(idx)), batch_width=int(batch["items"].shape[1]) if "items" in batch else None)
-    rep["ok"] = bool(math.isfinite(value) and rep["grads_finite"] and rep["grad_norm"] > 0 and rep["params_finite"])
+               batch_rows=int(len(idx)))
+    rep["ok"] = bool(math.isfinite(value) and rep.get("grads_finite", False) and rep.get("grad_norm", 0) > 0
+                     and rep["params_finite"])
     return rep
-
-
-def dgi_step(net, graph, h0, opt, params, l2: float) -> float:
-    """One DGI step exactly as `mtd_fast.train._graph_phase` does it (without its
-    keep-the-best bookkeeping, which the measured phase includes)."""
-    loss, _h = net.dgi_loss(graph, h0)
-    total = loss + l2 * net.l2_penalty(params) if l2 else loss
-    opt.zero_grad(set_to_none=True)
-    total.backward()
-    opt.step()
-    value = float(total.detach())
-    if not math.isfinite(value):
-        raise FloatingPointError(f"DGI loss became {value}")
-    return value
 
 
 def rel_diff(a: float, b: float) -> float:

@@ -370,7 +370,7 @@ def _mtd_graph_phase(benchmark, data):
     opt = torch.optim.Adam(params, lr=tcfg.lr)
     nodes = graph.torch_tensors(net.device)[4]
     h0 = net.item_emb.weight.detach()[nodes]  # E frozen during a phase, as in the trainer
-    value = t4.dgi_step(net, graph, h0, opt, params, tcfg.l2)  # checked: finite loss ...
+    value, _ = t4.dgi_step(net, graph, h0, opt, params, tcfg.l2)  # checked: finite loss ...
     rep = t4._grad_report(params)  # ... and the gradients of that step
     if not (math.isfinite(value) and rep["grads_finite"] and rep["grad_norm"] > 0):
         REPORT.add_graph(key, "failed", reason="DGI step check failed", **entry)

@@ -19,7 +19,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -27,12 +27,12 @@ import torch
 from . import ops
 from .config import MTDConfig, TrainConfig, split_overrides
 from .data.dataset import Dataset
-from .data.store import DataError, Samples, iter_batches, pad_batch
+from .data.store import DataError, Samples, iter_batches
 from .metrics import MetricAccumulator, better, ranks_from_scores
 from .models import ablation_overrides, model_class
 from .models.base import SessionModel
 
-__all__ = ["train", "evaluate", "TrainResult", "build_model", "evaluate_samples"]
+__all__ = ["train", "evaluate", "TrainResult", "build_model", "evaluate_samples", "train_step", "dgi_step"]
 
 log = logging.getLogger("mtd_fast")
 
@@ -127,6 +127,20 @@ def _set_lr(opt: Optional[torch.optim.Optimizer], lr: float) -> None:
             group["lr"] = lr
 
 
+def dgi_step(net, graph, h0: torch.Tensor, opt, params, l2: float) -> tuple[float, torch.Tensor]:
+    """One DGI step on the graph side (E frozen: H^0 = h0 is detached): loss + L2,
+    backward, Adam step. Returns (loss, H of this step)."""
+    loss, h = net.dgi_loss(graph, h0)
+    total = loss + l2 * net.l2_penalty(params) if l2 else loss
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    opt.step()
+    value = float(total.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"DGI loss became {value}")
+    return value, h
+
+
 def _graph_phase(net, graph, opt: torch.optim.Optimizer, cfg: TrainConfig, quiet: bool, phase: int):
     """Up to graph_steps DGI steps on the graph side; write back the lowest-loss H."""
     t0 = time.perf_counter()
@@ -136,13 +150,8 @@ def _graph_phase(net, graph, opt: torch.optim.Optimizer, cfg: TrainConfig, quiet
     h0 = net.item_emb.weight.detach()[nodes]  # E frozen during the phase
     net.train()
     for _ in _progress(range(cfg.graph_steps), cfg.graph_steps, f"graph phase {phase}", quiet):
-        loss, h = net.dgi_loss(graph, h0)
-        total = loss + cfg.l2 * net.l2_penalty(params) if cfg.l2 else loss
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
+        value, h = dgi_step(net, graph, h0, opt, params, cfg.l2)
         steps += 1
-        value = float(total.detach())
         if value < best_loss:
             best_loss, best_h, bad = value, h.detach().clone(), 0
         else:
@@ -152,6 +161,27 @@ def _graph_phase(net, graph, opt: torch.optim.Optimizer, cfg: TrainConfig, quiet
     if best_h is not None:
         net.write_back(graph, best_h)
     return best_loss, steps, time.perf_counter() - t0
+
+
+def train_step(net, samples: Samples, idx: np.ndarray, opt, params, l2: float,
+               on_grads: Optional[Callable[[dict], None]] = None) -> float:
+    """One recommendation step: batch building, forward, loss + l2 * 0.5||theta||^2,
+    backward, Adam step. Returns the loss (raises on a non-finite one). `on_grads(batch)`
+    runs between backward and the optimizer step (benches inspect gradients there)."""
+    batch = net.batch_from_sessions(samples.prefixes, idx)
+    targets = torch.from_numpy(samples.targets[idx].astype(np.int64)).to(net.device)
+    loss = net.loss(batch, targets)
+    if l2:
+        loss = loss + l2 * net.l2_penalty(params)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if on_grads is not None:
+        on_grads(batch)
+    opt.step()
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"training loss became {value}; try a lower lr")
+    return value
 
 
 def _rec_epoch(net, samples: Samples, opt, params, cfg: TrainConfig, rng: np.random.Generator, quiet: bool,
@@ -164,17 +194,10 @@ def _rec_epoch(net, samples: Samples, opt, params, cfg: TrainConfig, rng: np.ran
     total, n = 0.0, 0
     bar = _progress(batches, len(batches), f"epoch {epoch}", quiet)
     for idx in bar:
-        batch = net.batch_from_sessions(samples.prefixes, idx)
-        targets = torch.from_numpy(samples.targets[idx].astype(np.int64)).to(net.device)
-        loss = net.loss(batch, targets)
-        if cfg.l2:
-            loss = loss + cfg.l2 * net.l2_penalty(params)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"training loss became {value} at epoch {epoch}; lower lr={cfg.lr}?")
+        try:
+            value = train_step(net, samples, idx, opt, params, cfg.l2)
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"epoch {epoch}: {exc} (lr={cfg.lr})") from None
         total += value * len(idx)
         n += len(idx)
         if not quiet and hasattr(bar, "set_postfix"):

@@ -77,7 +77,7 @@ from ..config import MTDConfig
 from ..ops.reference import position_index
 from .base import Batch, SessionModel
 from .csrm import FifoMemory
-from .mtd import SelfAttentionBlock
+from .mtd import SelfAttentionBlock, init_attention_encoder
 
 __all__ = ["CoSAN"]
 
@@ -102,21 +102,7 @@ class CoSAN(SessionModel):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        d = self.config.hidden_size
-        bound = 1.0 / math.sqrt(d)
-        uniform = [self.item_emb.weight, self.pos_emb.weight]
-        for blk in self.blocks:
-            uniform += [blk.wq.weight, blk.wk.weight, blk.wv.weight]
-        for w in uniform:
-            nn.init.uniform_(w, -bound, bound)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
-            self.pos_emb.weight[0].zero_()
-        for blk in self.blocks:
-            nn.init.xavier_uniform_(blk.w1.weight)
-            nn.init.xavier_uniform_(blk.w2.weight)
-            nn.init.zeros_(blk.w1.bias)
-            nn.init.zeros_(blk.w2.bias)
+        init_attention_encoder(self.item_emb, self.pos_emb, self.blocks, self.config.hidden_size)
         nn.init.xavier_uniform_(self.combine.weight)
         nn.init.zeros_(self.collab_proj.weight)  # start as plain self-attention; see the module docstring
 

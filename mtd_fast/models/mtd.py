@@ -30,7 +30,7 @@ from ..config import MTDConfig
 from ..ops.reference import position_index
 from .base import Batch, SessionModel
 
-__all__ = ["MTD", "GCNLayer", "GATLayer", "SelfAttentionBlock", "Packing"]
+__all__ = ["MTD", "GCNLayer", "GATLayer", "SelfAttentionBlock", "Packing", "init_attention_encoder"]
 
 LN_EPS = 1e-8
 
@@ -99,6 +99,26 @@ class SelfAttentionBlock(nn.Module):
         ff = self.w2(F.dropout(F.relu(self.w1(h1)), self.p, self.training))
         out = self.ln2(h1 + F.dropout(ff, self.p, self.training))
         return packing.unpack(out) if dense_in else out
+
+
+def init_attention_encoder(item_emb: nn.Embedding, pos_emb: nn.Embedding, blocks, d: int) -> None:
+    """The spec's initialisation of an embedding + self-attention encoder: E, P, Wq, Wk, Wv
+    ~ U(-1/sqrt(d), 1/sqrt(d)) with padding rows zero; FFN weights Glorot-uniform, biases 0
+    (LayerNorms keep PyTorch's weight 1, bias 0)."""
+    bound = 1.0 / math.sqrt(d)
+    uniform = [item_emb.weight, pos_emb.weight]
+    for blk in blocks:
+        uniform += [blk.wq.weight, blk.wk.weight, blk.wv.weight]
+    for w in uniform:
+        nn.init.uniform_(w, -bound, bound)
+    with torch.no_grad():
+        item_emb.weight[0].zero_()
+        pos_emb.weight[0].zero_()
+    for blk in blocks:
+        nn.init.xavier_uniform_(blk.w1.weight)
+        nn.init.xavier_uniform_(blk.w2.weight)
+        nn.init.zeros_(blk.w1.bias)
+        nn.init.zeros_(blk.w2.bias)
 
 
 class GCNLayer(nn.Module):
@@ -185,22 +205,9 @@ class MTD(SessionModel):
 
     def reset_parameters(self) -> None:
         d = self.config.hidden_size
-        bound = 1.0 / math.sqrt(d)
-        uniform = [self.item_emb.weight, self.pos_emb.weight]
-        for blk in self.blocks:
-            uniform += [blk.wq.weight, blk.wk.weight, blk.wv.weight]
-        for w in uniform:
-            nn.init.uniform_(w, -bound, bound)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
-            self.pos_emb.weight[0].zero_()
+        init_attention_encoder(self.item_emb, self.pos_emb, self.blocks, d)
         glorot = [self.att_last.weight, self.att_item.weight, self.combine.weight, self.discriminator.weight]
-        for blk in self.blocks:
-            glorot += [blk.w1.weight, blk.w2.weight]
-            nn.init.zeros_(blk.w1.bias)
-            nn.init.zeros_(blk.w2.bias)
-        for layer in self.gnn:
-            glorot.append(layer.weight.weight)
+        glorot += [layer.weight.weight for layer in self.gnn]
         for w in glorot:
             nn.init.xavier_uniform_(w)
         nn.init.uniform_(self.att_vec, -math.sqrt(6.0 / (d + 1)), math.sqrt(6.0 / (d + 1)))  # Glorot for (d, 1)
