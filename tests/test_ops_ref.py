@@ -143,3 +143,14 @@ def test_string_for_missing_backend_falls_back_with_warning(monkeypatch):
             ops.describe("spmm", {"spmm": "ghost"}, "cpu")
     finally:
         del dispatch._REGISTRY["spmm"]["ghost"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1",
+                    reason="Triton is usable here (CUDA or the interpreter)")
+def test_triton_not_listed_where_it_cannot_run():
+    avail = mtd_fast.available_backends()
+    assert "triton" not in avail["session_attention"] and "triton" not in avail["aggregate"]
+    with pytest.raises(BackendError, match="available here: packed, reference|available here: reference"):
+        ops.describe("session_attention", {"session_attention": "triton"}, "cpu")
+    with pytest.warns(RuntimeWarning, match="not available for any op"):
+        ops.validate_spec("triton")

@@ -28,15 +28,20 @@ def _triton_devices() -> tuple[str, ...]:
     return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
 
 
+def _triton_usable() -> bool:
+    """Triton counts as available where it can run: a CUDA device, or the interpreter."""
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 # ---- registry: rank orders auto's preference (lower first); reference is the fallback ----
 register("session_attention", "reference", "mtd_fast.ops.reference:session_attention_ref", rank=100)
 register("session_attention", "triton", "mtd_fast.kernels.session_attention:session_attention_triton", rank=0,
-         auto_devices=("cuda",), devices=_triton_devices)
+         auto_devices=("cuda",), devices=_triton_devices, probe=_triton_usable)
 register("session_attention", "packed", "mtd_fast.ops.packed:session_attention_packed", rank=50,
          auto_devices=("cpu",))
 register("aggregate", "reference", "mtd_fast.ops.reference:aggregate_ref", rank=100)
 register("aggregate", "triton", "mtd_fast.kernels.aggregate:aggregate_triton", rank=0,
-         auto_devices=("cuda",), devices=_triton_devices)
+         auto_devices=("cuda",), devices=_triton_devices, probe=_triton_usable)
 register("aggregate", "packed", "mtd_fast.ops.packed:aggregate_packed", rank=50, auto_devices=("cpu",))
 register("spmm", "reference", "mtd_fast.ops.reference:spmm_ref", rank=100)
 register("spmm", "cpp", "mtd_fast.ops.cpp:spmm_cpp", rank=0, auto_devices=("cpu",), devices=lambda: ("cpu",))
