@@ -1,0 +1,18 @@
+"""The README's two set-up commands are exactly what CI runs (.ci/run)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_the_readme_commands():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    install, tests = blocks[0].strip(), blocks[1].strip()
+    assert "pip install torch==2.13.0" in install and "mtd-fast train" in install
+    assert "pytest tests" in tests and "TRITON_INTERPRET=1" in tests and "MTD_BENCH_SMOKE=1" in tests
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert install in ci_lines
+    assert tests in ci_lines
