@@ -154,3 +154,30 @@ def test_triton_not_listed_where_it_cannot_run():
         ops.describe("session_attention", {"session_attention": "triton"}, "cpu")
     with pytest.warns(RuntimeWarning, match="not available for any op"):
         ops.validate_spec("triton")
+
+
+def test_import_and_train_work_without_triton_and_numba():
+    """`import mtd_fast` and a training run need neither Triton nor Numba (API contract)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("triton", "numba"):
+                    raise ImportError(f"{name} blocked for the test")
+                return None
+        sys.meta_path.insert(0, Block())
+        import mtd_fast
+        avail = mtd_fast.available_backends()
+        assert "triton" not in avail["session_attention"] and "numba" not in avail["global_graph"], avail
+        ds = mtd_fast.load_dataset("synthetic", n_sessions=200, n_items=40)
+        r = mtd_fast.train(ds, epochs=1, quiet=True, hidden_size=8, graph_steps=2)
+        assert r.backends["global_graph"] == "reference"
+        assert "triton" not in sys.modules and "numba" not in sys.modules
+        print("OK")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stdout + res.stderr
