@@ -613,3 +613,11 @@ def test_torch_compile_traces_the_op_without_graph_breaks():
     assert_close(y.detach(), ye.detach())
     assert_close(gx, x.grad)
     assert_close(gw, w.grad)
+
+
+@pytest.mark.skipif(os.environ.get("MTD_FAST_REQUIRE_EXT") != "1", reason="only where the build is required (CI)")
+def test_extension_built_where_required():
+    # CI sets MTD_FAST_REQUIRE_EXT=1: the cpp tests above must have run, not skipped
+    import mtd_fast
+
+    assert "cpp" in mtd_fast.available_backends()["spmm"]
