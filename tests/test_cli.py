@@ -63,9 +63,10 @@ def test_preprocess_raw_sample(tmp_path, capsys):
     assert "| sample | 469 |" in out  # dataset name = folder name, then the 469 training sessions
 
 
-def test_python_dash_m_entry_point():
+def test_python_dash_m_entry_point(tmp_path):
+    # cwd outside the checkout, so `-m` runs the installed package
     r = subprocess.run([sys.executable, "-m", "mtd_fast", "stats", "--n-sessions", "100"], capture_output=True,
-                       text=True, timeout=120)
+                       text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "train_sessions" in r.stdout and "| synthetic | 90 |" in r.stdout
 

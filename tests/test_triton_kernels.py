@@ -424,12 +424,14 @@ def test_expanded_upstream_gradients():
 
 
 @pytest.mark.skipif(_CUDA, reason="on a GPU the real launches above already compile every kernel")
-def test_kernels_compile_for_sm90():
+def test_kernels_compile_for_sm90(tmp_path):
     # The interpreter cannot catch compile-time errors (loop-carried types, tl.dot shape rules,
     # shared-memory limits); Triton compiles to sm_90 cubin without a GPU (python -m
     # mtd_fast.kernels._aot). Runs in a subprocess without TRITON_INTERPRET.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "mtd_fast.kernels._aot", "--quick"], env=env,
+    # cwd outside the checkout: `-m` puts the cwd on sys.path, and the checkout's source tree
+    # has no mtd_fast.kernels (kernels/ is mapped there at install time)
+    res = subprocess.run([sys.executable, "-m", "mtd_fast.kernels._aot", "--quick"], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "FAIL" not in res.stdout
