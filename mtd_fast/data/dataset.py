@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -40,7 +40,7 @@ class Dataset:
 
     def __init__(self, name: str, sessions: Sessions, test: Samples, *, n_items: Optional[int] = None,
                  min_prefix: int = 1, rec_frequency: int = 1, valid_fraction: float = 0.1,
-                 test_sessions: Optional[Sessions] = None, source: str = "") -> None:
+                 test_sessions: Union[None, Sessions, Callable[[], Sessions]] = None, source: str = "") -> None:
         if len(sessions) == 0:
             raise DataError(f"dataset {name!r}: no training sessions")
         if np.any(sessions.lengths == 0):
@@ -55,7 +55,7 @@ class Dataset:
         self.name = name
         self.sessions = sessions
         self.test = test
-        self.test_sessions = test_sessions
+        self._test_sessions = test_sessions  # a Sessions, or a loader called by stats() only
         self.min_prefix = int(min_prefix)
         self.rec_frequency = int(rec_frequency)
         self.valid_fraction = float(valid_fraction)
@@ -84,6 +84,14 @@ class Dataset:
         if name == "train":
             return self.train
         raise ValueError(f"unknown split {name!r}: use 'train', 'valid' or 'test'")
+
+    @property
+    def test_sessions(self) -> Optional[Sessions]:
+        """Full test sessions when known (raw preprocessing, synthetic data, or an
+        `all_test_seq_time.txt` beside the pickles, read on first use)."""
+        if callable(self._test_sessions):
+            self._test_sessions = self._test_sessions()
+        return self._test_sessions
 
     def stats(self) -> dict[str, Any]:
         """Table 1 of the paper: counts of this dataset as loaded."""
@@ -115,6 +123,14 @@ def _resolve_root(name: str, root: Optional[os.PathLike | str]) -> Path:
     return Path(base) / DATASETS[name][0]
 
 
+def _read_timed_sessions(path: Path) -> Sessions:
+    raw = safe_load_pickle(path)
+    try:
+        return Sessions.from_lists([[int(c[0]) for c in s] for s in raw])
+    except (TypeError, IndexError, ValueError):
+        raise DataError(f"{path}: expected a list of sessions of (item, time) pairs") from None
+
+
 def _load_pickle_layout(name: str, root: Path, min_prefix: int, rec_frequency: int, fraction: float,
                         valid_fraction: float) -> Dataset:
     if not root.is_dir():
@@ -139,12 +155,8 @@ def _load_pickle_layout(name: str, root: Path, min_prefix: int, rec_frequency: i
     test = read_samples(test_path)
     test_sessions = None
     time_path = root / "all_test_seq_time.txt"
-    if time_path.is_file():  # full test sessions with times: exact click counts for stats()
-        raw = safe_load_pickle(time_path)
-        try:
-            test_sessions = Sessions.from_lists([[int(c[0]) for c in s] for s in raw])
-        except (TypeError, IndexError, ValueError):
-            raise DataError(f"{time_path}: expected a list of sessions of (item, time) pairs") from None
+    if time_path.is_file():  # full test sessions with times: exact click counts for stats(), read lazily
+        test_sessions = lambda: _read_timed_sessions(time_path)  # noqa: E731
     if fraction < 1.0:
         n = len(sessions)
         keep = max(1, math.ceil(fraction * n))
