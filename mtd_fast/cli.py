@@ -57,7 +57,8 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", default=None,
                    help="synthetic (default), diginetica, retailrocket, yoochoose1_64, yoochoose1_64_mtd")
     g.add_argument("--data-dir", default=None, help="folder in the SR-GNN pickle layout (default $MTD_FAST_DATA/<name>)")
-    g.add_argument("--fraction", type=float, default=1.0, help="keep the most recent fraction of training sessions")
+    g.add_argument("--fraction", type=float, default=1.0,
+                   help="keep the most recent ceil(fraction * n) training sessions (ids, catalogue, test unchanged)")
     g.add_argument("--n-sessions", type=int, default=None, help="synthetic: number of sessions (5000)")
     g.add_argument("--n-items", type=int, default=None, help="synthetic: number of items (500)")
     g.add_argument("--data-seed", type=int, default=None, help="synthetic: generator seed (0)")
@@ -136,11 +137,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from .data import preprocess
-    from .data.pickle_io import write_pickle_layout
+    from .data.raw import preprocess, save_pickle_layout
 
     ds = preprocess(args.input, format=args.format, fraction=args.fraction)
-    write_pickle_layout(args.out, ds.sessions, ds.test)
+    save_pickle_layout(ds, args.out)
     s = ds.stats()
     print(_fmt_table([s], list(s.keys())))
     print(f"written to {args.out} (all_train_seq.txt, test.txt)")
@@ -185,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("preprocess", help="raw click log -> SR-GNN pickle layout")
     pr.add_argument("input", help="raw file (Diginetica CSV, yoochoose-clicks.dat, GRU4Rec TSV, events.csv)")
     pr.add_argument("--format", default=None, help="diginetica | yoochoose | yoochoose_tsv | retailrocket (auto)")
-    pr.add_argument("--fraction", type=float, default=1.0)
+    pr.add_argument("--fraction", type=float, default=1.0,
+                    help="keep the most recent fraction of training SAMPLES, SR-GNN's yoochoose1_64 convention "
+                         "(whole sessions kept); unlike train/stats --fraction, which counts sessions")
     pr.add_argument("--out", required=True, help="output folder")
     pr.set_defaults(func=cmd_preprocess)
 

@@ -6,7 +6,6 @@ to the right one (`split_overrides`) and reject unknown names with a `TypeError`
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
@@ -78,6 +77,11 @@ class MTDConfig:
         _check(self.graph_encoder in ("gcn", "gat"), "graph_encoder", self.graph_encoder, "one of 'gcn', 'gat'")
         _check(self.graph_norm in ("sym", "mean", "none"), "graph_norm", self.graph_norm,
                "one of 'sym', 'mean', 'none'")
+        if self.graph_encoder == "gat":  # attention weights replace both: refuse rather than ignore
+            _check(not self.graph_weighted, "graph_weighted", self.graph_weighted,
+                   "graph_encoder='gat' (MTD-ga) weighs edges by attention, not by transition counts")
+            _check(self.graph_norm == "sym", "graph_norm", self.graph_norm,
+                   "graph_encoder='gat' (MTD-ga) normalizes by its attention softmax, not by graph_norm")
         for name in ("learn_position_decay", "use_self_attention", "use_position_decay", "graph_directed",
                      "graph_weighted"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "a bool")
@@ -160,7 +164,3 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
                 f"(MTDConfig: {', '.join(sorted(_MODEL_FIELDS))}; TrainConfig: {', '.join(sorted(_TRAIN_FIELDS))})"
             )
     return model, train
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)

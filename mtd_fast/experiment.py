@@ -45,6 +45,7 @@ def run_table2(dataset, models: Sequence[str], out: Path, *, epochs: int = 10, s
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     stem = f"table2_{dataset.name}"
+    stats = dataset.stats()
     for name in models:
         t0 = time.perf_counter()
         res = mtd_fast.train(dataset, model=name, epochs=epochs, seed=seed, backend=backend, quiet=quiet, **overrides)
@@ -54,7 +55,7 @@ def run_table2(dataset, models: Sequence[str], out: Path, *, epochs: int = 10, s
                      "epochs_run": len(res.history), "seconds_per_epoch": per_epoch, "wall_seconds": wall,
                      "history": res.history, "backends": res.backends})
         # write after every model so a long run leaves partial results behind
-        meta = {"dataset": dataset.name, "stats": dataset.stats(), "epochs": epochs, "seed": seed,
+        meta = {"dataset": dataset.name, "stats": stats, "epochs": epochs, "seed": seed,
                 "overrides": overrides, "torch": __import__("torch").__version__, "machine": platform.platform(),
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))

@@ -2,6 +2,8 @@
 
 rank = 1 + #(score > s_target) + #(score == s_target and id < target): ties never
 flatter a model (a constant scorer gets the worst rank its id allows, not the best).
+NaN never flatters either: a NaN item counts as ranked above the target, and a target
+whose own score is NaN gets the worst rank, M (a diverged model scores 0, not 100).
 P@K is the hit rate, MRR@K = 1/rank if rank <= K, NDCG@K = 1/log2(rank+1) if rank <= K;
 all reported x100.
 """
@@ -22,10 +24,10 @@ def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     Returns int64 ranks (batch,), 1 = best."""
     col = (targets - 1).long()
     s_t = scores.gather(1, col[:, None])
-    greater = (scores > s_t).sum(1)
+    greater = (~(scores <= s_t)).sum(1)  # NaN items count as above the target
     ids = torch.arange(scores.shape[1], device=scores.device)
     ties = ((scores == s_t) & (ids[None, :] < col[:, None])).sum(1)
-    return 1 + greater + ties
+    return (1 + greater + ties).clamp_max(scores.shape[1])
 
 
 class MetricAccumulator:

@@ -218,13 +218,24 @@ def train(dataset: Dataset, *, model: str = "mtd", epochs: int = 10, seed: int =
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed={seed!r} must be an int")
     model_class(model)  # unknown names fail before any work
+    if len(dataset.test) == 0:
+        raise DataError(f"dataset {dataset.name!r} has no test samples: nothing to report after training")
     mkw, tkw = split_overrides(ablation_overrides(model, overrides))
     mcfg, tcfg = MTDConfig(**mkw), TrainConfig(**tkw)
     backend = ops.validate_spec(backend)
     if tcfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={tcfg.device!r} but CUDA is not available")
+    threads_before = torch.get_num_threads()
     if tcfg.num_threads is not None:
         torch.set_num_threads(tcfg.num_threads)
+    try:
+        return _train(dataset, model, epochs, seed, backend, quiet, mcfg, tcfg)
+    finally:
+        torch.set_num_threads(threads_before)  # num_threads applies to this run only
+
+
+def _train(dataset: Dataset, model: str, epochs: int, seed: int, backend: Any, quiet: bool, mcfg: MTDConfig,
+           tcfg: TrainConfig) -> TrainResult:
     freq = tcfg.rec_frequency or dataset.rec_frequency
     _seed_everything(seed)
     net = build_model(model, dataset.n_items, mcfg, tcfg, backend)
@@ -245,11 +256,14 @@ def train(dataset: Dataset, *, model: str = "mtd", epochs: int = 10, seed: int =
         return TrainResult(net, metrics, history, 1, mcfg, tcfg, dataset.name, used)
 
     graph, graph_build_s = None, 0.0
-    if net.uses_global_graph and tcfg.graph_phases > 0:
+    if net.uses_global_graph and tcfg.graph_phases > 0 and tcfg.graph_steps > 0:
         t0 = time.perf_counter()
         graph = ops.global_graph(dataset.train_sessions, dataset.n_items, directed=mcfg.graph_directed,
                                  weighted=mcfg.graph_weighted, backend=backend)
         graph_build_s = time.perf_counter() - t0
+        if graph.num_nodes == 0:
+            raise DataError(f"dataset {dataset.name!r}: the training sessions hold no transition between two "
+                            "different items, so the global graph is empty; train with graph_phases=0")
         _say(f"[{net.name}] global graph: {graph.num_nodes} nodes, {graph.nnz} nonzeros of A+I "
              f"({graph_build_s:.2f}s, {used['global_graph']})", quiet)
     rec_params = net.rec_parameters()

@@ -154,6 +154,12 @@ def test_loader_errors(tmp_path):
         load_dataset("synthetic", fraction=0)
     with pytest.raises(TypeError, match="unknown option 'colour'"):
         load_dataset("synthetic", colour="red")
+    with pytest.raises(DataError, match="would be ignored"):
+        load_dataset("synthetic", root=tmp_path)
+    with pytest.raises(DataError, match="valid_fraction='0.1'"):
+        load_dataset("synthetic", valid_fraction="0.1")
+    with pytest.raises(DataError, match="seed='a'"):
+        load_dataset("synthetic", seed="a")
 
 
 def test_env_root(tmp_path, monkeypatch):

@@ -49,3 +49,13 @@ def test_selection_order():
     assert better({"P@20": 50, "MRR@20": 10}, None)
     assert better({"P@20": 50, "MRR@20": 11}, {"P@20": 50, "MRR@20": 10})
     assert not better({"P@20": 49, "MRR@20": 30}, {"P@20": 50, "MRR@20": 10})
+
+
+def test_nan_never_flatters():
+    nan = float("nan")
+    scores = torch.tensor([
+        [nan, 1.0, 2.0, 3.0],  # target 1 scored NaN: worst rank, M = 4
+        [nan, nan, nan, nan],  # a diverged model
+        [0.5, nan, 0.1, 0.2],  # target 1 is the best finite score, but the NaN item counts above it
+    ])
+    assert ranks_from_scores(scores, torch.tensor([1, 3, 1])).tolist() == [4, 4, 2]

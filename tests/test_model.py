@@ -55,9 +55,21 @@ def test_padding_row_gets_no_gradient():
 
 
 def test_long_sessions_clip_positions():
-    m = make(max_position=4).eval()
-    s = m.scores(batch_of(m, [list(range(1, 11))]))  # 10 clicks, positions 5..10 clip to 4
-    assert torch.isfinite(s).all()
+    # max_position=4: positions 5..10 of a 10-click session must use row 4. A model with 10
+    # position rows whose rows 5..10 are copies of row 4 must then give the same scores.
+    small = make(max_position=4).eval()
+    big = make(max_position=10).eval()
+    state = {k: v.clone() for k, v in small.state_dict().items()}
+    pos = state.pop("pos_emb.weight")
+    big.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        big.pos_emb.weight[:5] = pos
+        big.pos_emb.weight[5:] = pos[4]
+    session = [list(range(1, 11))]
+    assert torch.allclose(small.scores(batch_of(small, session)), big.scores(batch_of(big, session)), atol=1e-6)
+    with torch.no_grad():
+        big.pos_emb.weight[7] += 1.0  # now position 7 differs from row 4: scores must change
+    assert not torch.allclose(small.scores(batch_of(small, session)), big.scores(batch_of(big, session)))
     m2 = make(max_session_length=3).eval()
     a = m2.scores(batch_of(m2, [list(range(1, 11))]))
     b = m2.scores(batch_of(m2, [[8, 9, 10]]))
@@ -79,6 +91,7 @@ def test_recommend_validates_input():
     m = make()
     top = m.recommend([[1, 2, 3], [4]], k=5)
     assert top.shape == (2, 5) and top.dtype == torch.long
+    assert torch.equal(m.recommend(np.array([[1, 2, 3]]), k=5), top[:1])  # a 2-D array of equal-length sessions
     assert top.min() >= 1 and top.max() <= 30
     with pytest.raises(ValueError, match="empty"):
         m.recommend([[1], []])
@@ -169,10 +182,11 @@ def test_graph_phase_schedule():
 
 
 def test_lr_decay_steps():
+    # step schedule (StepLR, as SR-GNN's and the MTD code's staircase decay): x0.1 every lr_decay_epochs
     ds = toy_dataset()
-    res = mtd_fast.train(ds, epochs=4, quiet=True, hidden_size=8, graph_phases=0, lr_decay_epochs=2, patience=10,
-                         batch_size=128, eval_test_each_epoch=False)
-    assert [h["lr"] for h in res.history] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
+    res = mtd_fast.train(ds, epochs=5, quiet=True, hidden_size=8, graph_phases=0, lr_decay_epochs=2, patience=10,
+                         batch_size=128, eval_test_each_epoch=False, max_steps_per_epoch=1)
+    assert [h["lr"] for h in res.history] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-5])
 
 
 def test_ablations_build_and_conflicts_raise():

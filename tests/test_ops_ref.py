@@ -181,3 +181,19 @@ def test_import_and_train_work_without_triton_and_numba():
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stdout + res.stderr
+
+
+def test_string_backend_for_another_device_leaves_the_op_on_auto():
+    # "cpp" has no CUDA kernel: a string spec falls back to auto there, a dict raises
+    assert ops.describe("spmm", "cpp", "cuda") == ops.describe("spmm", "auto", "cuda")
+    if "cpp" in mtd_fast.available_backends()["spmm"]:
+        with pytest.raises(BackendError, match="cannot run on cuda tensors"):
+            ops.describe("spmm", {"spmm": "cpp"}, "cuda")
+
+
+def test_empty_sessions_are_an_input_error():
+    q = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="empty session is an input error"):
+        ops.session_attention(q, q, q, torch.tensor([2, 0]))
+    with pytest.raises(ValueError, match="session lengths must be in 1..3"):
+        ops.aggregate(q, q, q[:, 0], q[0, 0], torch.tensor([4, 1]))

@@ -67,9 +67,9 @@ def test_model_selection_never_looks_at_test(synthetic, monkeypatch):
         return {key: v for key in METRIC_KEYS}
 
     monkeypatch.setattr(tr, "evaluate_samples", fake_eval)
-    r = mtd_fast.train(synthetic, epochs=5, patience=3, graph_phases=0, max_steps_per_epoch=1, **FAST)
+    r = mtd_fast.train(synthetic, epochs=8, patience=3, graph_phases=0, max_steps_per_epoch=1, **FAST)
     assert r.best_epoch == 2  # chosen on validation, not on test (test peaks at epoch 3)
-    assert len(r.history) == 5  # epochs 3, 4, 5 did not beat epoch 2: stopped after patience=3
+    assert len(r.history) == 5  # epochs 3, 4, 5 did not beat epoch 2: stopped after patience=3 of 8
     assert r.metrics["best_on_test"]["P@20"] == 50.0  # the published protocol, reported apart
 
 
@@ -141,3 +141,23 @@ def test_bad_arguments_are_named(synthetic):
 def test_reference_backend_forced(synthetic):
     r = mtd_fast.train(synthetic, epochs=1, backend="reference", max_steps_per_epoch=2, **FAST)
     assert set(r.backends.values()) == {"reference"}
+
+
+def test_input_errors_fail_before_training(synthetic):
+    from mtd_fast.data import DataError, Dataset, Samples, Sessions
+
+    no_test = Dataset("no-test", synthetic.sessions, Samples.from_lists([], []), n_items=synthetic.n_items)
+    with pytest.raises(DataError, match="no test samples"):
+        mtd_fast.train(no_test, epochs=1, quiet=True)
+    repeats = Dataset("repeats", Sessions.from_lists([[1, 1, 1], [2, 2]] * 10), Samples.from_lists([[1]], [2]))
+    with pytest.raises(DataError, match="global graph is empty"):
+        mtd_fast.train(repeats, epochs=1, quiet=True)
+    assert mtd_fast.train(repeats, epochs=1, quiet=True, graph_phases=0, hidden_size=8).best_epoch == 1
+    with pytest.raises(ValueError, match="graph_weighted=True is invalid: graph_encoder='gat'"):
+        mtd_fast.train(synthetic, model="mtd-ga", graph_weighted=True)
+
+
+def test_num_threads_applies_to_the_run_only(synthetic):
+    before = torch.get_num_threads()
+    mtd_fast.train(synthetic, epochs=1, num_threads=1, max_steps_per_epoch=1, graph_phases=0, **FAST)
+    assert torch.get_num_threads() == before

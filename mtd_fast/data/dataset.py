@@ -46,10 +46,14 @@ class Dataset:
         if np.any(sessions.lengths == 0):
             bad = int(np.flatnonzero(sessions.lengths == 0)[0])
             raise DataError(f"dataset {name!r}: training session {bad} is empty")
-        if not 0.0 <= valid_fraction < 1.0:
-            raise DataError(f"valid_fraction={valid_fraction!r} must be in [0, 1)")
+        if isinstance(valid_fraction, bool) or not isinstance(valid_fraction, (int, float)) \
+                or not 0.0 <= valid_fraction < 1.0:
+            raise DataError(f"valid_fraction={valid_fraction!r} must be a number in [0, 1)")
         if sessions.items.size and sessions.items.min() < 1:
             raise DataError(f"dataset {name!r}: training sessions hold item ids < 1")
+        if len(test) and np.any(test.prefixes.lengths == 0):
+            bad = int(np.flatnonzero(test.prefixes.lengths == 0)[0])
+            raise DataError(f"dataset {name!r}: test sample {bad} has an empty prefix")
         if len(test) and (test.targets.min() < 1 or (test.prefixes.items.size and test.prefixes.items.min() < 1)):
             raise DataError(f"dataset {name!r}: test samples hold item ids < 1")
         self.name = name
@@ -157,15 +161,10 @@ def _load_pickle_layout(name: str, root: Path, min_prefix: int, rec_frequency: i
     time_path = root / "all_test_seq_time.txt"
     if time_path.is_file():  # full test sessions with times: exact click counts for stats(), read lazily
         test_sessions = lambda: _read_timed_sessions(time_path)  # noqa: E731
-    if fraction < 1.0:
-        n = len(sessions)
-        keep = max(1, math.ceil(fraction * n))
-        seen = max(sessions.max_item(), test.max_item())
-        sessions = sessions.slice(n - keep, n)
-        return Dataset(name, sessions, test, n_items=seen, min_prefix=min_prefix, rec_frequency=rec_frequency,
-                       valid_fraction=valid_fraction, test_sessions=test_sessions, source=str(root))
-    return Dataset(name, sessions, test, min_prefix=min_prefix, rec_frequency=rec_frequency,
-                   valid_fraction=valid_fraction, test_sessions=test_sessions, source=str(root))
+    n_items = max(sessions.max_item(), test.max_item())  # before `fraction`: ids and M stay those of the full set
+    return Dataset(name, sessions.most_recent(fraction), test, n_items=n_items, min_prefix=min_prefix,
+                   rec_frequency=rec_frequency, valid_fraction=valid_fraction, test_sessions=test_sessions,
+                   source=str(root))
 
 
 def load_dataset(name: Optional[str] = None, *, root: Optional[os.PathLike | str] = None, fraction: float = 1.0,
@@ -185,6 +184,9 @@ def load_dataset(name: Optional[str] = None, *, root: Optional[os.PathLike | str
     if name == "synthetic":
         from .synthetic import make_synthetic
 
+        if root is not None:
+            raise DataError(f"load_dataset('synthetic') generates its data; root={str(root)!r} would be ignored "
+                            "(pass name=None with root=PATH to load a folder)")
         allowed = {"n_sessions", "n_items", "seed", "avg_length"}
         unknown = sorted(set(kwargs) - allowed)
         if unknown:

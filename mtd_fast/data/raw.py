@@ -534,12 +534,9 @@ def _read_tsv(path: Path) -> _Log:
 # --------------------------------------------------------------------------- pipeline
 
 def _select(offsets: np.ndarray, items: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The sessions at `index` (in that order), packed anew."""
-    lens = np.diff(offsets)[index]
-    new_off = np.zeros(index.size + 1, dtype=np.int64)
-    np.cumsum(lens, out=new_off[1:])
-    src = np.repeat(offsets[:-1][index] - new_off[:-1], lens) + np.arange(new_off[-1], dtype=np.int64)
-    return new_off, items[src]
+    """The sessions at `index` (in that order), packed anew (any per-click array as `items`)."""
+    picked = Sessions(offsets, items).select(index)
+    return picked.offsets, picked.items
 
 
 def _mask_clicks(offsets: np.ndarray, items: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ NumPy, so a 720k-sample epoch never runs a Python loop per sample.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -91,6 +92,12 @@ class Sessions:
 
     def max_item(self) -> int:
         return int(self.items.max()) if self.items.size else 0
+
+    def most_recent(self, fraction: float) -> "Sessions":
+        """The last ceil(fraction * n) sequences (at least one): the most recent sessions
+        of a chronological training set (the `fraction=` of `load_dataset`)."""
+        n = len(self)
+        return self.slice(n - max(1, math.ceil(fraction * n)), n)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,6 @@ also uses the session context (returns) does better still.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .dataset import Dataset
@@ -26,6 +24,8 @@ def make_synthetic(n_sessions: int = 5000, n_items: int = 500, seed: int = 0, av
         raise DataError(f"n_sessions={n_sessions!r} must be an int >= 20")
     if isinstance(n_items, bool) or not isinstance(n_items, int) or n_items < 10:
         raise DataError(f"n_items={n_items!r} must be an int >= 10")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise DataError(f"seed={seed!r} must be an int >= 0")
     if not isinstance(avg_length, (int, float)) or not 2.0 <= avg_length <= 50.0:
         raise DataError(f"avg_length={avg_length!r} must be a number in [2, 50]")
     rng = np.random.default_rng(seed)
@@ -53,10 +53,6 @@ def make_synthetic(n_sessions: int = 5000, n_items: int = 500, seed: int = 0, av
     n_test = max(1, n_sessions // 10)
     train_sessions = sessions.slice(0, n_sessions - n_test)
     test_sessions = sessions.slice(n_sessions - n_test, n_sessions)
-    if fraction < 1.0:
-        n = len(train_sessions)
-        keep = max(1, math.ceil(fraction * n))
-        train_sessions = train_sessions.slice(n - keep, n)
-    return Dataset("synthetic", train_sessions, expand_samples(test_sessions, 1), n_items=n_items,
+    return Dataset("synthetic", train_sessions.most_recent(fraction), expand_samples(test_sessions, 1), n_items=n_items,
                    min_prefix=1, rec_frequency=1, valid_fraction=valid_fraction, test_sessions=test_sessions,
                    source=f"synthetic(n_sessions={n_sessions}, n_items={n_items}, seed={seed})")

@@ -42,7 +42,7 @@ class SessionModel(nn.Module):
         self.config = config or MTDConfig()
         self.dropout_p = float(dropout)
         self.backend = backend
-        # persists through save/load; lets `recommend` refuse unknown ids cheaply
+        # an empty buffer that moves with .to(device): tells `device` even for models without parameters
         self.register_buffer("_device_probe", torch.zeros(0), persistent=False)
 
     # ---- to implement -------------------------------------------------------------------
@@ -85,8 +85,10 @@ class SessionModel(nn.Module):
         """Top-k item ids (len(sessions), k), best first, for sessions given as lists of item ids."""
         if not isinstance(k, int) or not 1 <= k <= self.n_items:
             raise ValueError(f"k={k!r} must be an int in [1, n_items={self.n_items}]")
+        if isinstance(sessions, np.ndarray) and sessions.ndim == 2:
+            sessions = sessions.tolist()  # equal-length sessions as a 2-D array
         if isinstance(sessions, (str, bytes)) or not isinstance(sessions, Sequence):
-            raise TypeError("sessions must be a list of lists of item ids")
+            raise TypeError("sessions must be a list of lists of item ids (or a 2-D array of equal-length sessions)")
         for i, s in enumerate(sessions):
             if isinstance(s, (str, bytes)) or not isinstance(s, (Sequence, np.ndarray)):
                 raise TypeError(f"sessions[{i}] must be a list of item ids, got {type(s).__name__}")

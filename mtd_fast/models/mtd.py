@@ -32,10 +32,10 @@ from .base import Batch, SessionModel
 
 __all__ = ["MTD", "GCNLayer", "GATLayer", "SelfAttentionBlock", "Packing", "init_attention_encoder"]
 
-LN_EPS = 1e-8
+LN_EPS = 1e-8  # the authors' TF `normalize` epsilon
 
 
-def _dropout_mask(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Tensor:
+def dropout_mask(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Tensor:
     """Inverted-dropout keep mask scaled by 1/(1-p), drawn from torch's RNG."""
     return (torch.rand(shape, device=like.device) >= p).to(like.dtype) / (1.0 - p)
 
@@ -91,7 +91,7 @@ class SelfAttentionBlock(nn.Module):
         b, L = packing.batch, packing.width
         mask = None
         if self.training and self.p > 0:
-            mask = _dropout_mask((b, self.num_heads, L, L), self.p, x)
+            mask = dropout_mask((b, self.num_heads, L, L), self.p, x)
         q, k, v = (packing.unpack(w(x)) for w in (self.wq, self.wk, self.wv))  # (B, L, d) each
         att = ops.session_attention(q, k, v, lengths, num_heads=self.num_heads, dropout_mask=mask,
                                     backend=self.backend)  # (B, L, d)

@@ -53,15 +53,9 @@ from .. import ops
 from ..config import MTDConfig
 from ..ops.reference import position_index
 from .base import Batch, SessionModel
+from .mtd import LN_EPS, dropout_mask
 
 __all__ = ["SASRec", "PreLNBlock"]
-
-LN_EPS = 1e-8  # the TF code's `normalize` epsilon
-
-
-def _keep_mask(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Tensor:
-    """Inverted-dropout keep mask scaled by 1/(1-p), drawn from torch's RNG."""
-    return (torch.rand(shape, device=like.device) >= p).to(like.dtype) / (1.0 - p)
 
 
 class PreLNBlock(nn.Module):
@@ -86,7 +80,7 @@ class PreLNBlock(nn.Module):
         y = self.ln1(x)
         mask = None
         if self.training and self.p > 0:
-            mask = _keep_mask((b, self.num_heads, L, L), self.p, x)
+            mask = dropout_mask((b, self.num_heads, L, L), self.p, x)
         att = ops.session_attention(self.wq(y), self.wk(y), self.wv(y), lengths, num_heads=self.num_heads,
                                     dropout_mask=mask, backend=self.backend)  # (B, L, d), causal
         x = x + F.dropout(att, self.p, self.training)

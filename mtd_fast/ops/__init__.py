@@ -53,6 +53,17 @@ register("session_graphs", "numba", "mtd_fast.graph.numba:session_graphs_numba",
          auto_devices=("cpu", "cuda"))
 
 
+def _check_lengths(lengths: torch.Tensor, width: int, op: str) -> None:
+    """Empty sessions are an input error (MTD_SPEC section 2), never a zero row. Checked on
+    CPU tensors; on a GPU this would force a device sync per call, and the model's inputs
+    come from `recommend` / the loaders, which reject empty sessions first."""
+    if lengths.device.type == "cpu" and lengths.numel():
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 1 or hi > width:
+            raise ValueError(f"{op}: session lengths must be in 1..{width} (the padded width), got {lo}..{hi}"
+                             + ("; an empty session is an input error" if lo < 1 else ""))
+
+
 def session_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, num_heads: int = 1,
                       dropout_mask: Optional[torch.Tensor] = None, backend=None) -> torch.Tensor:
     """Causal key-padded attention over left-aligned sessions.
@@ -61,6 +72,7 @@ def session_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths
     (batch, num_heads, seq_len, seq_len) scaled keep-mask. Returns (batch, seq_len, dim),
     zero on padded query rows. See `reference.session_attention_ref`.
     """
+    _check_lengths(lengths, q.shape[1], "session_attention")
     fn = resolve("session_attention", backend, q.device)
     return fn(q, k, v, lengths, num_heads=num_heads, dropout_mask=dropout_mask)
 
@@ -72,6 +84,7 @@ def aggregate(h: torch.Tensor, hp: torch.Tensor, a: torch.Tensor, g: torch.Tenso
 
     h, hp: (batch, seq_len, dim); a: (batch, dim); g: (dim,). See `reference.aggregate_ref`.
     """
+    _check_lengths(lengths, h.shape[1], "aggregate")
     fn = resolve("aggregate", backend, h.device)
     return fn(h, hp, a, g, lengths, gamma=gamma, mode=mode)
 

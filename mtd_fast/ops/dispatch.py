@@ -3,8 +3,8 @@
 Choice order: the explicit `backend=` argument, then `$MTD_FAST_BACKEND`, then "auto".
 - "auto": the best available backend whose `auto_devices` include the tensor's device,
   else the reference, silently.
-- a string ("cpp", "triton", "reference", ...): every op that has that backend uses it;
-  the others stay on auto. An unknown name raises.
+- a string ("cpp", "triton", "reference", ...): every op that has that backend, for the
+  tensor's device, uses it; the others stay on auto. An unknown name raises.
 - a dict {op: name}: strict; an op named there must run that backend or it raises,
   listing what is available. Ops not named stay on auto.
 
@@ -118,11 +118,15 @@ def _available_impl(op: str, name: str, strict: bool) -> Optional[_Impl]:
 
 
 def _explicit(op: str, name: str, dev: str, strict: bool) -> Optional[_Impl]:
+    """Backend `name` of `op` for `dev`; None (string form: the op stays on auto) or raise (dict form)."""
     impl = _available_impl(op, name, strict)
     if impl is not None and dev not in impl.devices():
+        if not strict:
+            return None
+        runnable = [i.name for i in _REGISTRY[op].values() if i.available() and dev in i.devices()]
         raise BackendError(f"backend {name!r} for {op} cannot run on {dev} tensors"
                            + (" (Triton runs on CPU tensors only under TRITON_INTERPRET=1)" if name == "triton" else "")
-                           + f"; available here: {', '.join(available_backends()[op])}")
+                           + f"; available for {dev} here: {', '.join(runnable)}")
     return impl
 
 
