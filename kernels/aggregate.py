@@ -81,6 +81,25 @@ def _aggregate_fwd_chunk(h_base, p_base, rows, n, offs_d, d_ok, stride_hl, strid
 
 
 @triton.jit
+def _aggregate_prologue(b, LENS, GAMMA, A, G, stride_ab, stride_ad, stride_g, L, D,
+                        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, GAMMA_IS_PTR: tl.constexpr):
+    """What both aggregation kernels read first for session `b`: its length, the valid rows
+    `n` held in the tensor, gamma (a pointer when learned), offsets, and the rows a, g."""
+    seq = tl.load(LENS + b).to(tl.int32)
+    n = tl.minimum(seq, L)
+    if GAMMA_IS_PTR:
+        gamma = tl.load(GAMMA).to(tl.float32)
+    else:
+        gamma = GAMMA
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    a = tl.load(A + b * stride_ab + offs_d * stride_ad, mask=d_ok, other=0.0).to(tl.float32)
+    g = tl.load(G + offs_d * stride_g, mask=d_ok, other=0.0).to(tl.float32)
+    return seq, n, gamma, offs_l, offs_d, d_ok, a, g
+
+
+@triton.jit
 def _aggregate_fwd_kernel(
     H, HP, A, G, LENS, GAMMA, XS, PS, LSE,
     stride_hb, stride_hl, stride_hd,
@@ -92,17 +111,8 @@ def _aggregate_fwd_kernel(
     PRODUCT: tl.constexpr, GAMMA_IS_PTR: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    seq = tl.load(LENS + b).to(tl.int32)
-    n = tl.minimum(seq, L)  # valid rows held in the tensor
-    if GAMMA_IS_PTR:
-        gamma = tl.load(GAMMA).to(tl.float32)
-    else:
-        gamma = GAMMA
-    offs_l = tl.arange(0, BLOCK_L)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    a = tl.load(A + b * stride_ab + offs_d * stride_ad, mask=d_ok, other=0.0).to(tl.float32)
-    g = tl.load(G + offs_d * stride_g, mask=d_ok, other=0.0).to(tl.float32)
+    seq, n, gamma, offs_l, offs_d, d_ok, a, g = _aggregate_prologue(
+        b, LENS, GAMMA, A, G, stride_ab, stride_ad, stride_g, L, D, BLOCK_L, BLOCK_D, GAMMA_IS_PTR)
     seq_f = seq.to(tl.float32)
     # max over valid i of -gamma * pos_i, pos_i in [seq - n + 1, seq]: an end point
     m_b = tl.maximum(-gamma * (seq - n + 1).to(tl.float32), -gamma * seq_f)
@@ -157,17 +167,8 @@ def _aggregate_bwd_kernel(
     NEED_DG: tl.constexpr, NEED_DGAMMA: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    seq = tl.load(LENS + b).to(tl.int32)
-    n = tl.minimum(seq, L)
-    if GAMMA_IS_PTR:
-        gamma = tl.load(GAMMA).to(tl.float32)
-    else:
-        gamma = GAMMA
-    offs_l = tl.arange(0, BLOCK_L)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    a = tl.load(A + b * stride_ab + offs_d * stride_ad, mask=d_ok, other=0.0).to(tl.float32)
-    g = tl.load(G + offs_d * stride_g, mask=d_ok, other=0.0).to(tl.float32)
+    seq, n, gamma, offs_l, offs_d, d_ok, a, g = _aggregate_prologue(
+        b, LENS, GAMMA, A, G, stride_ab, stride_ad, stride_g, L, D, BLOCK_L, BLOCK_D, GAMMA_IS_PTR)
     dx = tl.load(DXS + b * stride_dxb + offs_d * stride_dxd, mask=d_ok, other=0.0).to(tl.float32)
     dp = tl.load(DPS + b * stride_dpb + offs_d * stride_dpd, mask=d_ok, other=0.0).to(tl.float32)
     xs = tl.load(XS + b * stride_ob + offs_d * stride_od, mask=d_ok, other=0.0).to(tl.float32)

@@ -61,6 +61,18 @@ _LOG2E = 1.4426950408889634
 # kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _load_rows(ptr, b, stride_b, stride_l, stride_d, offs_r, col, mask):
+    """The [rows, head columns] tile of one session of a (B, L, d) tensor, zeros outside `mask`."""
+    return tl.load(ptr + b * stride_b + offs_r[:, None] * stride_l + col[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _dropout_ptrs(DMASK, b, h, offs_m, offs_n, stride_mb, stride_mh, stride_mi, stride_mj):
+    """Pointers to the (query, key) block of one session's and head's dropout mask."""
+    return DMASK + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mi + offs_n[None, :] * stride_mj
+
+
+@triton.jit
 def _session_attention_scores(Q, K, q_off, k_off, offs_l, offs_c, seq_len, HEAD_DIM,
                               stride_ql, stride_qd, stride_kl, stride_kd,
                               BLOCK_L: tl.constexpr, BLOCK_DK: tl.constexpr, NUM_DCHUNKS: tl.constexpr,
@@ -124,7 +136,7 @@ def _session_attention_fwd_kernel(
     s = _session_attention_scores(Q, K, pid_b * stride_qb + head * stride_qd, pid_b * stride_kb + head * stride_kd,
                                   offs_l, offs_c, seq_len, HEAD_DIM, stride_ql, stride_qd, stride_kl, stride_kd,
                                   BLOCK_L, BLOCK_DK, NUM_DCHUNKS, DOT_PRECISION)
-    dm_ptrs = DMASK + pid_b * stride_mb + pid_h * stride_mh + offs_l[:, None] * stride_mi + offs_l[None, :] * stride_mj
+    dm_ptrs = _dropout_ptrs(DMASK, pid_b, pid_h, offs_l, offs_l, stride_mb, stride_mh, stride_mi, stride_mj)
     p, p_drop, dm = _session_attention_probs(s, seq_len, offs_l, dm_ptrs, qk_scale, HAS_DROPOUT)
     p_drop = p_drop.to(V.dtype.element_ty)
     v_base = V + pid_b * stride_vb + head * stride_vd
@@ -167,7 +179,7 @@ def _session_attention_bwd_kernel(
     s = _session_attention_scores(Q, K, pid_b * stride_qb + head * stride_qd, pid_b * stride_kb + head * stride_kd,
                                   offs_l, offs_c, seq_len, HEAD_DIM, stride_ql, stride_qd, stride_kl, stride_kd,
                                   BLOCK_L, BLOCK_DK, NUM_DCHUNKS, DOT_PRECISION)
-    dm_ptrs = DMASK + pid_b * stride_mb + pid_h * stride_mh + offs_l[:, None] * stride_mi + offs_l[None, :] * stride_mj
+    dm_ptrs = _dropout_ptrs(DMASK, pid_b, pid_h, offs_l, offs_l, stride_mb, stride_mh, stride_mi, stride_mj)
     p, p_drop, dm = _session_attention_probs(s, seq_len, offs_l, dm_ptrs, qk_scale, HAS_DROPOUT)
     p_drop_t = tl.trans(p_drop.to(DO.dtype.element_ty))
     do_base = DO + pid_b * stride_dob + head * stride_dod
@@ -242,8 +254,7 @@ def _session_attention_fwd_tiled_kernel(
     col = pid_h * HEAD_DIM + offs_d
     col_ok = offs_d < HEAD_DIM
     row_valid = offs_m < seq_len
-    q = tl.load(Q + pid_b * stride_qb + offs_m[:, None] * stride_ql + col[None, :] * stride_qd,
-                mask=row_valid[:, None] & col_ok[None, :], other=0.0)
+    q = _load_rows(Q, pid_b, stride_qb, stride_ql, stride_qd, offs_m, col, row_valid[:, None] & col_ok[None, :])
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -253,8 +264,7 @@ def _session_attention_fwd_tiled_kernel(
         if (n0 < seq_len) & (n0 < m0 + BLOCK_M):
             offs_n = n0 + offs_n0
             kv_ld = (offs_n < seq_len)[:, None] & col_ok[None, :]
-            k = tl.load(K + pid_b * stride_kb + offs_n[:, None] * stride_kl + col[None, :] * stride_kd,
-                        mask=kv_ld, other=0.0)
+            k = _load_rows(K, pid_b, stride_kb, stride_kl, stride_kd, offs_n, col, kv_ld)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             allowed = (offs_n[None, :] <= offs_m[:, None]) & row_valid[:, None]
             s = tl.where(allowed, s, float("-inf"))
@@ -264,10 +274,9 @@ def _session_attention_fwd_tiled_kernel(
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * corr + tl.sum(p, axis=1)
             if HAS_DROPOUT:
-                p = p * tl.load(DMASK + pid_b * stride_mb + pid_h * stride_mh + offs_m[:, None] * stride_mi
-                                + offs_n[None, :] * stride_mj, mask=allowed, other=0.0).to(tl.float32)
-            v = tl.load(V + pid_b * stride_vb + offs_n[:, None] * stride_vl + col[None, :] * stride_vd,
-                        mask=kv_ld, other=0.0)
+                dm_ptrs = _dropout_ptrs(DMASK, pid_b, pid_h, offs_m, offs_n, stride_mb, stride_mh, stride_mi, stride_mj)
+                p = p * tl.load(dm_ptrs, mask=allowed, other=0.0).to(tl.float32)
+            v = _load_rows(V, pid_b, stride_vb, stride_vl, stride_vd, offs_n, col, kv_ld)
             acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
     has = l_i > 0.0  # valid rows (key 0 is always allowed for them)
@@ -321,8 +330,8 @@ def _session_attention_bwd_dkdv_tiled_kernel(
     col = pid_h * HEAD_DIM + offs_d
     col_ok = offs_d < HEAD_DIM
     kv_ld = (offs_n < seq_len)[:, None] & col_ok[None, :]
-    k = tl.load(K + pid_b * stride_kb + offs_n[:, None] * stride_kl + col[None, :] * stride_kd, mask=kv_ld, other=0.0)
-    v = tl.load(V + pid_b * stride_vb + offs_n[:, None] * stride_vl + col[None, :] * stride_vd, mask=kv_ld, other=0.0)
+    k = _load_rows(K, pid_b, stride_kb, stride_kl, stride_kd, offs_n, col, kv_ld)
+    v = _load_rows(V, pid_b, stride_vb, stride_vl, stride_vd, offs_n, col, kv_ld)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     row_base = (pid_b * NUM_HEADS + pid_h) * L
@@ -331,14 +340,11 @@ def _session_attention_bwd_dkdv_tiled_kernel(
         if (n0 < seq_len) & (m0 < seq_len) & (m0 + BLOCK_M > n0):
             offs_m = m0 + offs_m0
             q_ld = (offs_m < seq_len)[:, None] & col_ok[None, :]
-            q = tl.load(Q + pid_b * stride_qb + offs_m[:, None] * stride_ql + col[None, :] * stride_qd,
-                        mask=q_ld, other=0.0)
-            do = tl.load(DO + pid_b * stride_dob + offs_m[:, None] * stride_dol + col[None, :] * stride_dod,
-                         mask=q_ld, other=0.0)
+            q = _load_rows(Q, pid_b, stride_qb, stride_ql, stride_qd, offs_m, col, q_ld)
+            do = _load_rows(DO, pid_b, stride_dob, stride_dol, stride_dod, offs_m, col, q_ld)
             lse = tl.load(LSE + row_base + offs_m, mask=offs_m < L, other=0.0)
             delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < L, other=0.0)
-            mask_ptrs = (DMASK + pid_b * stride_mb + pid_h * stride_mh + offs_m[:, None] * stride_mi
-                         + offs_n[None, :] * stride_mj)
+            mask_ptrs = _dropout_ptrs(DMASK, pid_b, pid_h, offs_m, offs_n, stride_mb, stride_mh, stride_mi, stride_mj)
             pd, ds = _session_attention_tile_grads(q, k, v, do, lse, delta, offs_m, offs_n, seq_len, mask_ptrs,
                                                    qk_scale, sm_scale, HAS_DROPOUT, DOT_PRECISION)
             if NEED_DV:
@@ -378,9 +384,8 @@ def _session_attention_bwd_dq_tiled_kernel(
     col = pid_h * HEAD_DIM + offs_d
     col_ok = offs_d < HEAD_DIM
     q_ld = (offs_m < seq_len)[:, None] & col_ok[None, :]
-    q = tl.load(Q + pid_b * stride_qb + offs_m[:, None] * stride_ql + col[None, :] * stride_qd, mask=q_ld, other=0.0)
-    do = tl.load(DO + pid_b * stride_dob + offs_m[:, None] * stride_dol + col[None, :] * stride_dod,
-                 mask=q_ld, other=0.0)
+    q = _load_rows(Q, pid_b, stride_qb, stride_ql, stride_qd, offs_m, col, q_ld)
+    do = _load_rows(DO, pid_b, stride_dob, stride_dol, stride_dod, offs_m, col, q_ld)
     row_base = (pid_b * NUM_HEADS + pid_h) * L
     lse = tl.load(LSE + row_base + offs_m, mask=offs_m < L, other=0.0)
     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < L, other=0.0)
@@ -390,12 +395,9 @@ def _session_attention_bwd_dq_tiled_kernel(
         if (n0 < seq_len) & (m0 < seq_len) & (n0 < m0 + BLOCK_M):
             offs_n = n0 + offs_n0
             kv_ld = (offs_n < seq_len)[:, None] & col_ok[None, :]
-            k = tl.load(K + pid_b * stride_kb + offs_n[:, None] * stride_kl + col[None, :] * stride_kd,
-                        mask=kv_ld, other=0.0)
-            v = tl.load(V + pid_b * stride_vb + offs_n[:, None] * stride_vl + col[None, :] * stride_vd,
-                        mask=kv_ld, other=0.0)
-            mask_ptrs = (DMASK + pid_b * stride_mb + pid_h * stride_mh + offs_m[:, None] * stride_mi
-                         + offs_n[None, :] * stride_mj)
+            k = _load_rows(K, pid_b, stride_kb, stride_kl, stride_kd, offs_n, col, kv_ld)
+            v = _load_rows(V, pid_b, stride_vb, stride_vl, stride_vd, offs_n, col, kv_ld)
+            mask_ptrs = _dropout_ptrs(DMASK, pid_b, pid_h, offs_m, offs_n, stride_mb, stride_mh, stride_mi, stride_mj)
             pd, ds = _session_attention_tile_grads(q, k, v, do, lse, delta, offs_m, offs_n, seq_len, mask_ptrs,
                                                    qk_scale, sm_scale, HAS_DROPOUT, DOT_PRECISION)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)

@@ -21,6 +21,8 @@ import mtd_fast.ops.packed as packed
 from mtd_fast.ops.packed import aggregate_packed, length_buckets, session_attention_packed
 from mtd_fast.ops.reference import aggregate_ref, session_attention_ref
 
+from _checks import assert_padded_rows_zero
+
 ATOL, RTOL = 2e-5, 1e-4
 
 
@@ -85,8 +87,7 @@ def test_session_attention_packed_matches_reference(b, L, d, h, dropout, lengths
     for name, x, y in zip(("out", "dq", "dk", "dv"), *res):
         _close(name, x, y)
     out = res[0][0]
-    for bi, n in enumerate(lens.tolist()):
-        assert torch.equal(out[bi, n:], torch.zeros_like(out[bi, n:])), f"padded rows of session {bi}"
+    assert_padded_rows_zero(out, lens.tolist())
 
 
 def test_session_attention_packed_partial_grads_and_strides():
@@ -147,8 +148,7 @@ def test_aggregate_packed_matches_reference(b, L, d, gamma, lengths, mode):
     for name, x, y in zip(("x_s", "p_s", "dh", "dhp", "da", "dg", "dgamma"), *res):
         _close(name, x, y)
     dh = res[0][2]
-    for bi, n in enumerate(lens.tolist()):
-        assert torch.equal(dh[bi, n:], torch.zeros_like(dh[bi, n:])), f"padded rows of session {bi}"
+    assert_padded_rows_zero(dh, lens.tolist())
 
 
 def test_aggregate_packed_gradcheck_float64():
