@@ -46,9 +46,17 @@ class SessionModel(nn.Module):
         self.register_buffer("_device_probe", torch.zeros(0), persistent=False)
 
     # ---- to implement -------------------------------------------------------------------
+    def score_parts(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(queries (batch, dim), item table (M, dim)) such that scores = queries @ table.T,
+        row j of the table being item j+1. Models that score by a dot product with an item
+        table implement this, so the loss and the ranking can work on it without the full
+        (batch, M) logits; the others override `scores` instead."""
+        raise NotImplementedError
+
     def scores(self, batch: Batch) -> torch.Tensor:
         """(batch, M) scores for item ids 1..M."""
-        raise NotImplementedError
+        q, table = self.score_parts(batch)
+        return q @ table.t()
 
     def fit(self, dataset) -> None:  # non-neural models only
         raise NotImplementedError

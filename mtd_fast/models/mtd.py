@@ -244,8 +244,8 @@ class MTD(SessionModel):
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.encode(batch["items"], batch["lengths"])
 
-    def scores(self, batch: Batch) -> torch.Tensor:
-        return self.forward(batch) @ self.item_emb.weight[1:].t()  # (B, M), tied embeddings
+    def score_parts(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward(batch), self.item_emb.weight[1:]  # q (B, d), tied item table (M, d)
 
     # ---- inter-session encoder -------------------------------------------------------------
     def graph_encode(self, h0: torch.Tensor, graph) -> torch.Tensor:
