@@ -64,26 +64,26 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-seed", type=int, default=None, help="synthetic: generator seed (0)")
 
 
-def _load(args: argparse.Namespace):
-    from .data import load_dataset
-
+def _synthetic_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The synthetic generator's options from --n-sessions / --n-items / --data-seed."""
     kwargs = {}
     if args.dataset in (None, "synthetic") and args.data_dir is None:
         for flag, key in (("n_sessions", "n_sessions"), ("n_items", "n_items"), ("data_seed", "seed")):
             if getattr(args, flag) is not None:
                 kwargs[key] = getattr(args, flag)
-    return load_dataset(args.dataset, root=args.data_dir, fraction=args.fraction, **kwargs)
+    return kwargs
+
+
+def _load(args: argparse.Namespace):
+    from .data import load_dataset
+
+    return load_dataset(args.dataset, root=args.data_dir, fraction=args.fraction, **_synthetic_kwargs(args))
 
 
 def _fmt_table(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.2f}" if abs(v) < 1e5 else f"{v:.0f}"
-        return str(v)
+    from .experiments.report import markdown_table  # the one markdown renderer
 
-    out = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
-    out += ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(out)
+    return markdown_table(rows, cols)
 
 
 def _metrics_table(metrics: dict[str, Any]) -> str:
@@ -148,9 +148,20 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from .experiment import run_experiment
+    from .experiments import run_experiment
+    from .experiments.runner import cli_command
 
-    return run_experiment(args)
+    dataset = args.dataset if args.dataset is not None or args.data_dir is not None else "synthetic"
+    options = {k: getattr(args, k) for k in ("hidden_sizes", "frequencies", "gcn_layers", "checkpoint",
+                                             "heatmap_sessions", "tsne_sessions", "tsne_classes")}
+    result = run_experiment(args.name, dataset=dataset, root=args.data_dir, fraction=args.fraction,
+                            dataset_kwargs=_synthetic_kwargs(args), models=args.models, seeds=args.seeds,
+                            epochs=args.epochs, overrides=_config_overrides(args), out=Path(args.out),
+                            quiet=args.quiet, backend=args.backend, command=cli_command(args.argv),
+                            options=options)
+    print(result["markdown"])
+    print("written: " + ", ".join(str(p) for p in result["paths"].values()))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,15 +202,30 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output folder")
     pr.set_defaults(func=cmd_preprocess)
 
-    x = sub.add_parser("experiment", help="paper experiments: table2 (accuracy tables)")
-    x.add_argument("name", choices=["table2"])
+    x = sub.add_parser("experiment", help="paper experiments (resumable): table2, ablation, sensitivity, interpret",
+                       description="Writes one JSON result file per (dataset, model, seed) under OUT/NAME/ and "
+                                   "skips runs whose file is already there; merges every file there into "
+                                   "OUT/NAME.md, OUT/NAME.json and PNG figures.")
+    x.add_argument("name", help="table2 | ablation | sensitivity | interpret")
     _add_data_flags(x)
-    x.add_argument("--models", nargs="+", default=None)
-    x.add_argument("--epochs", type=int, default=10)
-    x.add_argument("--seed", type=int, default=0)
-    x.add_argument("--backend", default="auto")
-    x.add_argument("--out", default="runs/table2", help="output folder for markdown and JSON")
-    x.add_argument("--quiet", action="store_true")
+    x.add_argument("--models", nargs="+", default=None, help="table2 / ablation: the models to run (default: all)")
+    x.add_argument("--seeds", "--seed", dest="seeds", nargs="+", type=int, default=None,
+                   help="training seeds (default: 0; ablation 0 1 2)")
+    x.add_argument("--epochs", type=int, default=30,
+                   help="at most this many epochs; early stopping on validation (--patience) decides (30)")
+    x.add_argument("--backend", default=None, help="auto | reference | ... (default $MTD_FAST_BACKEND or auto)")
+    x.add_argument("--out", default="benches/figures", help="output folder (benches/figures)")
+    x.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = x.add_argument_group("sensitivity")
+    g.add_argument("--hidden-sizes", nargs="+", type=int, default=None, help="(25 50 100 150 200)")
+    g.add_argument("--frequencies", nargs="+", type=int, default=None, help="rec_frequency f values (1 .. 8)")
+    g.add_argument("--gcn-layers", nargs="+", type=int, default=None, help="num_gcn_layers values (1 .. 4)")
+    g = x.add_argument_group("interpret")
+    g.add_argument("--checkpoint", nargs="+", default=None, metavar="MODEL=PATH",
+                   help="use these saved models (mtd-fast train --save) instead of training mtd / srgnn / stamp")
+    g.add_argument("--heatmap-sessions", type=int, default=None, help="sessions drawn as attention heatmaps (4)")
+    g.add_argument("--tsne-sessions", type=int, default=None, help="session representations projected (180)")
+    g.add_argument("--tsne-classes", type=int, default=None, help="target classes among them (6)")
     _add_config_flags(x)
     x.set_defaults(func=cmd_experiment)
     return p
@@ -211,6 +237,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .ops.dispatch import BackendError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by experiments as the exact command
     try:
         return args.func(args)
     except (DataError, ConfigError, BackendError, FileNotFoundError, TypeError, ValueError) as exc:

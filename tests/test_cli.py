@@ -70,16 +70,3 @@ def test_python_dash_m_entry_point(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "train_sessions" in r.stdout and "| synthetic | 90 |" in r.stdout
 
-
-def test_experiment_table2_writes_markdown_and_json(tmp_path, capsys):
-    out = tmp_path / "t2"
-    assert main(["experiment", "table2", "--models", "mtd-lo", "mtd-va", "--epochs", "1", *SMALL,
-                 "--out", str(out)]) == 0
-    md = (out / "table2_synthetic.md").read_text()
-    data = json.loads((out / "table2_synthetic.json").read_text())
-    assert [r["model"] for r in data["rows"]] == ["mtd-lo", "mtd-va"]
-    assert "best-on-test P@20" in md and "| mtd-va |" in md
-    for row in data["rows"]:
-        assert set(row["metrics"]) >= {"P@5", "P@10", "P@20", "MRR@5", "MRR@10", "MRR@20", "best_on_test"}
-    assert main(["experiment", "table2", "--models", "nosuchmodel", "--out", str(out)]) == 2
-    assert "unknown model" in capsys.readouterr().err

@@ -1,0 +1,33 @@
+"""The paper's experiments on one resumable runner (`mtd-fast experiment NAME`).
+
+- `runner`: `RunSpec`, `run_all` (one JSON result file per dataset, label and seed; a
+  finished run is never retrained), `load_results`, `merge_table` / `merge_json`.
+- one module per experiment: `table2` (Tables 2/3 and training curves).
+
+`run_experiment(name, **settings)` runs one of them; the CLI is a thin layer over it.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .report import ExperimentError, markdown_table
+from .runner import RunSpec, load_results, merge_json, merge_table, result_path, run_all
+from .study import Study
+
+__all__ = ["EXPERIMENTS", "run_experiment", "RunSpec", "run_all", "result_path", "load_results", "merge_table",
+           "merge_json", "Study", "ExperimentError", "markdown_table"]
+
+EXPERIMENTS = {
+    "table2": "accuracy of every model: the paper's Tables 2/3, plus training curves",
+}
+
+
+def run_experiment(name: str, **settings: Any) -> dict[str, Any]:
+    """Run experiment `name` with `Study` settings (dataset, root, fraction, dataset_kwargs,
+    models, seeds, epochs, overrides, out, quiet, backend, command, options). Returns
+    {"paths": files written, "records": the result records behind them, ...}."""
+    if name not in EXPERIMENTS:
+        raise ExperimentError(f"unknown experiment {name!r}: use one of {', '.join(EXPERIMENTS)}")
+    module = importlib.import_module(f"{__name__}.{name}")
+    return module.run(Study(name=name, **settings))

@@ -1,0 +1,587 @@
+"""The resumable experiment runner: one JSON result file per (dataset, label, seed).
+
+    specs = [RunSpec("diginetica", root="../shared/data/diginetica", model=m, seed=s, epochs=30)
+             for m in ("mtd", "srgnn") for s in (0, 1)]
+    records = run_all(specs, "benches/figures/table2")   # trains only what is missing
+    print(merge_table(load_results("benches/figures/table2")))
+
+`run_all` loads each dataset once, skips every spec whose result file is valid and was
+made by the same spec (dataset, fraction, synthetic options, model, label, seed, epochs,
+overrides), and retrains the others. A corrupt, truncated or mismatching file is never
+merged: it is moved aside to `NAME.json.replaced` (one line says why) and the run is
+redone. Each file is written atomically right after its run, so an interrupted study
+loses at most the run in progress and the next invocation continues from there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import functools
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from ..metrics import METRIC_KEYS
+from .report import (ExperimentError, atomic_save, atomic_write_json, display_name, fmt_mean_sd, markdown_table,
+                     mean_sd)
+
+__all__ = ["RunSpec", "result_path", "run_all", "load_results", "merge_table", "merge_json", "validate_record",
+           "spec_mismatch", "FORMAT", "FORMAT_VERSION", "TABLE_KEYS", "PUBLISHED", "group_records"]
+
+log = logging.getLogger("mtd_fast")
+
+FORMAT = "mtd_fast/run-result"
+FORMAT_VERSION = 1
+TABLE_KEYS = ("P@5", "P@10", "P@20", "MRR@5", "MRR@10", "MRR@20")  # the paper's Tables 2/3
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+
+# MTD_SPEC.md section 7: published P@20 / MRR@20 (SR-GNN protocol: best epoch on TEST,
+# full training data, the standard split). Shown beside our rows, never mixed into them.
+PUBLISHED: dict[str, dict[str, tuple[float, float]]] = {
+    "diginetica": {"srgnn": (50.73, 17.59), "narm": (49.70, 16.17), "stamp": (45.64, 14.32)},
+    "yoochoose1_64": {"srgnn": (70.57, 30.94), "narm": (68.32, 28.63), "stamp": (68.74, 29.67)},
+}
+PUBLISHED["yoochoose1_64_mtd"] = PUBLISHED["yoochoose1_64"]  # same sessions, relabelled ids
+
+
+def _as_items(value: Any, what: str) -> tuple[tuple[str, Any], ...]:
+    """A dict (or pairs) -> sorted tuple of (name, value) pairs, so RunSpec stays hashable."""
+    if value is None:
+        return ()
+    items = value.items() if isinstance(value, Mapping) else value
+    out = []
+    for pair in items:
+        k, v = pair
+        if not isinstance(k, str):
+            raise ExperimentError(f"{what}: option names must be strings, got {k!r}")
+        try:
+            hash(v)
+        except TypeError:
+            raise ExperimentError(f"{what}: the value of {k!r} must be a scalar, got {v!r}") from None
+        out.append((k, v))
+    names = [k for k, _ in out]
+    if len(set(names)) != len(names):
+        raise ExperimentError(f"{what}: an option is given twice ({names})")
+    return tuple(sorted(out))
+
+
+def _norm(value: Any) -> Any:
+    """What `value` reads back as from JSON (tuples become lists...): the form compared."""
+    return json.loads(json.dumps(value, default=str))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One training run of a study. `overrides` and `dataset_kwargs` may be given as dicts;
+    they are stored as sorted tuples of pairs (hashable). `label` (default: the model name)
+    names the row in tables and is part of the file name."""
+
+    dataset: Optional[str] = "synthetic"  # a name as load_dataset takes it; None with root=PATH
+    root: Optional[str] = None  # data folder (default $MTD_FAST_DATA/<name>)
+    fraction: float = 1.0
+    model: str = "mtd"
+    seed: int = 0
+    epochs: int = 30
+    overrides: Any = ()  # MTDConfig / TrainConfig fields
+    label: Optional[str] = None
+    dataset_kwargs: Any = ()  # synthetic generator options (n_sessions, n_items, seed, avg_length)
+
+    def __post_init__(self) -> None:
+        set_ = functools.partial(object.__setattr__, self)
+        set_("overrides", _as_items(self.overrides, "overrides"))
+        set_("dataset_kwargs", _as_items(self.dataset_kwargs, "dataset_kwargs"))
+        if self.root is not None:
+            set_("root", os.fspath(self.root))
+        if self.label is None:
+            set_("label", str(self.model).lower())
+        self.validate()
+
+    def validate(self) -> None:
+        """Everything that can be checked without data: raises before any training."""
+        from ..config import MTDConfig, TrainConfig, split_overrides
+        from ..models import ablation_overrides, model_class
+
+        if self.dataset is None and self.root is None:
+            raise ExperimentError("RunSpec needs a dataset name or root=PATH")
+        if self.dataset_kwargs and self.dataset != "synthetic":
+            raise ExperimentError(f"dataset_kwargs are options of the synthetic generator; dataset {self.dataset!r} "
+                                  "takes none")
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
+                or not 0.0 < self.fraction <= 1.0:
+            raise ExperimentError(f"fraction={self.fraction!r} must be a number in (0, 1]")
+        for name in ("seed", "epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or (name == "epochs" and v < 1):
+                raise ExperimentError(f"{name}={v!r} must be an int" + (" >= 1" if name == "epochs" else ""))
+        if not isinstance(self.label, str) or not _LABEL_RE.match(self.label):
+            raise ExperimentError(f"label={self.label!r}: use letters, digits and . _ = + - (it names a file)")
+        model_class(self.model)  # ValueError naming the known models
+        mkw, tkw = split_overrides(ablation_overrides(self.model, dict(self.overrides)))  # TypeError / ValueError
+        MTDConfig(**mkw), TrainConfig(**tkw)  # ConfigError naming the field
+
+    # ---- derived ----------------------------------------------------------------------------
+    @property
+    def overrides_dict(self) -> dict[str, Any]:
+        return dict(self.overrides)
+
+    @property
+    def dataset_kwargs_dict(self) -> dict[str, Any]:
+        return dict(self.dataset_kwargs)
+
+    @property
+    def dataset_key(self) -> str:
+        """The dataset's name as `Dataset.name` reports it (a folder's name when dataset is None)."""
+        return self.dataset if self.dataset is not None else (Path(self.root).name or "custom")
+
+    @property
+    def data_group(self) -> tuple:
+        """Specs with the same group share one loaded dataset."""
+        return (self.dataset, self.root, float(self.fraction), self.dataset_kwargs)
+
+    def api_call(self) -> str:
+        """The `mtd_fast` call that makes this run (recorded as `command` outside the CLI)."""
+        args = [repr(self.dataset)]
+        if self.root is not None:
+            args.append(f"root={self.root!r}")
+        if self.fraction != 1:
+            args.append(f"fraction={self.fraction!r}")
+        args += [f"{k}={v!r}" for k, v in self.dataset_kwargs]
+        kw = "".join(f", {k}={v!r}" for k, v in self.overrides)
+        return (f"mtd_fast.train(mtd_fast.load_dataset({', '.join(args)}), model={self.model!r}, "
+                f"epochs={self.epochs}, seed={self.seed}{kw})")
+
+
+def _dataset_part(spec: RunSpec) -> str:
+    part = spec.dataset_key
+    if spec.fraction != 1:
+        part += f"_frac{spec.fraction:g}"
+    part += "".join(f"-{k}={v}" for k, v in spec.dataset_kwargs)
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", part)
+
+
+def result_path(out_dir: os.PathLike | str, spec: RunSpec) -> Path:
+    """`OUT/<dataset>[_frac<F>][-<synthetic options>]__<label>__seed<S>.json`."""
+    return Path(out_dir) / f"{_dataset_part(spec)}__{spec.label}__seed{spec.seed}.json"
+
+
+def checkpoint_path(out_dir: os.PathLike | str, spec: RunSpec) -> Path:
+    """The model file beside the result file (written only when run_all(checkpoints=True))."""
+    return result_path(out_dir, spec).with_suffix(".pt")
+
+
+# ---- provenance ------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _source_commit() -> tuple[Optional[str], Optional[bool]]:
+    """(HEAD commit, uncommitted changes under the package) when the package runs from a git
+    checkout that tracks it (an editable install); (None, None) for an installed copy."""
+    pkg = Path(__file__).resolve().parents[1]
+    try:
+        def git(*a: str) -> str:
+            return subprocess.run(["git", "-C", str(pkg), *a], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+
+        git("ls-files", "--error-unmatch", "__init__.py")  # the package files are tracked here
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--", "."))
+        return commit, dirty
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def cli_command(argv: Optional[Sequence[str]] = None) -> str:
+    """The command line as typed: `mtd-fast ARGS` (sys.argv's tail when argv is None)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(["mtd-fast", *args])
+
+
+def _make_record(spec: RunSpec, result, stats: dict[str, Any], command: str, wall: float,
+                 dataset_name: str) -> dict[str, Any]:
+    import torch
+
+    commit, dirty = _source_commit()
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "dataset": dataset_name, "model": spec.model, "label": spec.label, "seed": spec.seed,
+        "metrics": result.metrics, "best_epoch": result.best_epoch, "epochs": spec.epochs,
+        "epochs_run": len(result.history), "fraction": spec.fraction, "root": spec.root,
+        "dataset_kwargs": spec.dataset_kwargs_dict, "overrides": spec.overrides_dict,
+        "model_config": dataclasses.asdict(result.model_config), "train_config": dataclasses.asdict(result.train_config),
+        "history": result.history, "backends": result.backends, "stats": stats, "command": command,
+        "commit": commit, "commit_dirty": dirty, "torch": torch.__version__, "machine": _machine(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "wall_seconds": wall,
+    }
+
+
+# ---- validity --------------------------------------------------------------------------------
+_REQUIRED = {"dataset": str, "model": str, "label": str, "seed": int, "metrics": dict, "epochs": int,
+             "fraction": (int, float), "overrides": dict, "model_config": dict, "train_config": dict,
+             "history": list, "stats": dict, "command": str, "date": str}
+
+
+def validate_record(obj: Any) -> Optional[str]:
+    """None for a complete result record, else what is wrong with it."""
+    if not isinstance(obj, dict):
+        return "not a JSON object"
+    if obj.get("format") != FORMAT:
+        return f"no {FORMAT!r} format marker"
+    if obj.get("format_version") != FORMAT_VERSION:
+        return f"format version {obj.get('format_version')!r}, this install reads {FORMAT_VERSION}"
+    for key, typ in _REQUIRED.items():
+        if key not in obj:
+            return f"key {key!r} is missing"
+        if not isinstance(obj[key], typ) or isinstance(obj[key], bool):
+            return f"key {key!r} has the wrong type"
+    m = obj["metrics"]
+    for k in METRIC_KEYS:
+        if not isinstance(m.get(k), (int, float)) or not math.isfinite(m[k]):
+            return f"metrics[{k!r}] is missing or not a finite number"
+    if "best_on_test" not in m:
+        return "metrics['best_on_test'] is missing"
+    if not obj["history"] or not all(isinstance(h, dict) and "epoch" in h for h in obj["history"]):
+        return "the per-epoch history is empty or malformed"
+    be = obj.get("best_epoch")
+    if not isinstance(be, int) or not any(h["epoch"] == be for h in obj["history"]):
+        return f"best_epoch {be!r} is not an epoch of the history"
+    return None
+
+
+def spec_mismatch(record: dict[str, Any], spec: RunSpec) -> Optional[str]:
+    """None when `record` was made by `spec`, else the first difference."""
+    want = {"dataset": spec.dataset_key, "model": spec.model, "label": spec.label, "seed": spec.seed,
+            "epochs": spec.epochs, "overrides": _norm(spec.overrides_dict),
+            "dataset_kwargs": _norm(spec.dataset_kwargs_dict)}
+    for key, value in want.items():
+        have = record.get(key, {} if key == "dataset_kwargs" else None)
+        if have != value:
+            return f"{key} {have!r} != {value!r}"
+    if not math.isclose(float(record["fraction"]), float(spec.fraction), rel_tol=1e-12):
+        return f"fraction {record['fraction']!r} != {spec.fraction!r}"
+    return None
+
+
+def _read(path: Path) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    """(record, None) or (None, problem) for the file at `path`."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"unreadable ({type(exc).__name__})"
+    except json.JSONDecodeError as exc:
+        return None, f"corrupt or truncated JSON ({exc.msg} at line {exc.lineno})"
+    problem = validate_record(obj)
+    return (None, problem) if problem else (obj, None)
+
+
+def load_results(out_dir: os.PathLike | str, specs: Optional[Sequence[RunSpec]] = None) -> list[dict[str, Any]]:
+    """The valid result records in `out_dir` (sorted by file name), or, with `specs`, the
+    records of those specs that are valid and match them, in the specs' order."""
+    out_dir = Path(out_dir)
+    if specs is not None:
+        out = []
+        for spec in specs:
+            rec, _ = _read(result_path(out_dir, spec)) if result_path(out_dir, spec).is_file() else (None, None)
+            if rec is not None and spec_mismatch(rec, spec) is None:
+                out.append(rec)
+        return out
+    if not out_dir.is_dir():
+        return []
+    records = []
+    for path in sorted(out_dir.glob("*.json")):
+        rec, _ = _read(path)
+        if rec is not None:
+            records.append(rec)
+    return records
+
+
+# ---- running ---------------------------------------------------------------------------------
+def check_writable(folder: os.PathLike | str) -> Path:
+    """Create `folder` and prove a file can be written there, or raise one clear error."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write_probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ExperimentError(f"cannot write results to {folder}: {exc.strerror or exc}") from None
+    return folder
+
+
+def check_data(spec: RunSpec) -> None:
+    """Fail early on an unknown dataset name or a missing data folder (before any training)."""
+    from ..data import DATASETS, DataError
+
+    if spec.dataset == "synthetic" or (spec.dataset is None and spec.root is None):
+        return
+    if spec.dataset is not None and spec.dataset not in DATASETS:
+        raise DataError(f"unknown dataset {spec.dataset!r}: use one of {', '.join(['synthetic', *DATASETS])}, "
+                        "or a data folder")
+    if spec.root is not None:
+        root = Path(spec.root)
+    elif os.environ.get("MTD_FAST_DATA"):
+        root = Path(os.environ["MTD_FAST_DATA"]) / DATASETS[spec.dataset][0]
+    else:
+        raise DataError(f"dataset {spec.dataset!r}: pass --data-dir (root=PATH) or set MTD_FAST_DATA")
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder (dataset {spec.dataset_key!r})")
+
+
+def _load(spec: RunSpec):
+    from ..data import load_dataset
+
+    return load_dataset(spec.dataset, root=spec.root, fraction=spec.fraction, **spec.dataset_kwargs_dict)
+
+
+class _StudyBar:
+    """One line for the whole study, above the per-epoch bars: runs done / total and an
+    ETA from the runs finished in this invocation (skipped runs cost nothing)."""
+
+    def __init__(self, total: int, done: int, quiet: bool) -> None:
+        self.total, self.done, self.quiet = total, done, quiet
+        self.seconds: list[float] = []
+        self.bar = None
+        if not quiet and total:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=done, position=0, leave=True, dynamic_ncols=True,
+                            bar_format="study: {n_fmt}/{total_fmt} runs |{bar}| {desc}")
+            self._postfix("")
+
+    def _postfix(self, current: str) -> None:
+        left = self.total - self.done
+        eta = "ETA ?" if not self.seconds else f"ETA {_hms(statistics.fmean(self.seconds) * left)}"
+        self.bar.set_description_str(f"{eta}  {current}".rstrip())
+
+    def start(self, what: str) -> None:
+        if self.bar is not None:
+            self._postfix(f"now: {what}")
+
+    def finish(self, seconds: float) -> None:
+        self.done += 1
+        self.seconds.append(seconds)
+        if self.bar is not None:
+            self.bar.update(1)
+            self._postfix("")
+
+    def write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def plan(specs: Sequence[RunSpec], out_dir: os.PathLike | str, checkpoints: bool = False) -> list[Optional[str]]:
+    """For each spec: None when its result can be reused, else why it must run
+    ("missing", or what is wrong with the file that is there)."""
+    out = []
+    for spec in specs:
+        path = result_path(out_dir, spec)
+        if not path.is_file():
+            out.append("missing")
+            continue
+        rec, problem = _read(path)
+        if rec is not None:
+            problem = spec_mismatch(rec, spec)
+            if problem:
+                problem = f"made by another spec ({problem})"
+        if problem is None and checkpoints and not checkpoint_path(out_dir, spec).is_file():
+            problem = "its checkpoint is missing"
+        out.append(problem)
+    return out
+
+
+def run_all(specs: Sequence[RunSpec], out_dir: os.PathLike | str, *, quiet: bool = False, backend: Any = None,
+            command: Optional[str] = None, checkpoints: bool = False) -> list[dict[str, Any]]:
+    """Train every spec whose result is not already in `out_dir`; return all their records.
+
+    `command`: what to record as the command line (the CLI passes it); by default each
+    record gets the equivalent `mtd_fast.train(...)` call. `checkpoints=True` also saves
+    each trained model beside its result (`.pt`) and treats a missing one as not done.
+    """
+    from ..train import train
+
+    specs = list(specs)
+    for s in specs:
+        if not isinstance(s, RunSpec):
+            raise ExperimentError(f"run_all takes RunSpec objects, got {type(s).__name__}")
+    paths = [result_path(out_dir, s) for s in specs]
+    seen: dict[Path, RunSpec] = {}
+    for s, p in zip(specs, paths):
+        if p in seen and seen[p] != s:
+            raise ExperimentError(f"two different specs write {p.name}: give them different labels")
+        seen[p] = s
+    out_dir = check_writable(out_dir)
+    todo = plan(specs, out_dir, checkpoints)
+    for s, why in zip(specs, todo):  # every data folder is checked before the first run
+        if why is not None:
+            check_data(s)
+
+    records: dict[int, dict[str, Any]] = {}
+    for i, (s, why) in enumerate(zip(specs, todo)):
+        if why is None:
+            records[i] = _read(paths[i])[0]
+    pending = [i for i, why in enumerate(todo) if why is not None]
+    unique_pending = list(dict.fromkeys(specs[i] for i in pending))
+    bar = _StudyBar(len(set(specs)), len(set(specs)) - len(unique_pending), quiet)
+    try:
+        for i, why in enumerate(todo):
+            if why not in (None, "missing"):
+                bar.write(f"redo {paths[i].name}: {why}")
+        groups: dict[tuple, list[int]] = {}
+        for i in pending:
+            groups.setdefault(specs[i].data_group, []).append(i)
+        for idxs in groups.values():
+            ds = _load(specs[idxs[0]])
+            stats = ds.stats()
+            for i in idxs:
+                s = specs[i]
+                if i in records:  # a duplicate spec, already run in this call
+                    continue
+                old = paths[i]
+                if old.is_file():  # corrupt, partial or mismatching: never merged, kept aside
+                    os.replace(old, old.with_name(old.name + ".replaced"))
+                what = f"{_dataset_part(s)} {s.label} seed {s.seed}"
+                bar.start(what)
+                t0 = time.perf_counter()
+                res = train(ds, model=s.model, epochs=s.epochs, seed=s.seed, backend=backend, quiet=quiet,
+                            **s.overrides_dict)
+                wall = time.perf_counter() - t0
+                rec = _make_record(s, res, stats, command or s.api_call(), wall, ds.name)
+                if checkpoints:
+                    from ..serialization import save
+
+                    atomic_save(checkpoint_path(out_dir, s), lambda tmp: save(res.model, tmp))
+                atomic_write_json(old, rec)
+                for j in idxs:
+                    if specs[j] == s:
+                        records[j] = rec
+                bar.finish(wall)
+                if not quiet:
+                    bar.write(f"[{bar.done}/{bar.total}] {what}: best epoch {rec['best_epoch']}, test P@20 "
+                              f"{rec['metrics']['P@20']:.2f} MRR@20 {rec['metrics']['MRR@20']:.2f} "
+                              f"({_hms(wall)}) -> {old}")
+    finally:
+        bar.close()
+    return [records[i] for i in range(len(specs))]
+
+
+# ---- merging ---------------------------------------------------------------------------------
+def group_records(records: Iterable[dict[str, Any]], order: Sequence[str] = ()
+                  ) -> list[tuple[tuple, list[tuple[str, list[dict[str, Any]]]]]]:
+    """[(dataset key, [(label, [records over seeds, by seed])...])...]: datasets in order of
+    first appearance, labels in `order` first, then by first appearance. The dataset key is
+    (dataset, fraction, dataset_kwargs as sorted pairs)."""
+    datasets: dict[tuple, dict[str, list]] = {}
+    for r in records:
+        key = (r["dataset"], float(r["fraction"]), tuple(sorted((r.get("dataset_kwargs") or {}).items())))
+        datasets.setdefault(key, {}).setdefault(r["label"], []).append(r)
+    rank = {lab: i for i, lab in enumerate(order)}
+    out = []
+    for key, labels in datasets.items():
+        names = sorted(labels, key=lambda lab: (rank.get(lab, len(rank)), list(labels).index(lab)))
+        out.append((key, [(lab, sorted(labels[lab], key=lambda r: r["seed"])) for lab in names]))
+    return out
+
+
+def dataset_title(key: tuple) -> str:
+    name, fraction, kwargs = key
+    title = name
+    if fraction != 1:
+        title += f", most recent {fraction:g} of the training sessions"
+    if kwargs:
+        title += " (" + ", ".join(f"{k}={v}" for k, v in kwargs) + ")"
+    return title
+
+
+def _median_epoch_seconds(rec: dict[str, Any]) -> Optional[float]:
+    if rec["history"][0].get("train_loss") is None:
+        return None  # fitted in one pass, not trained by epochs
+    return statistics.median(h["train_seconds"] for h in rec["history"])
+
+
+def merge_json(records: Iterable[dict[str, Any]], order: Sequence[str] = ()) -> dict[str, Any]:
+    """The merged table as JSON: per dataset, per label, each metric's per-seed values, mean
+    and sd, the best-on-test figures, best epochs, seconds per epoch and the files' seeds."""
+    out = []
+    for key, labels in group_records(records, order):
+        rows = []
+        for label, recs in labels:
+            row = {"label": label, "model": recs[0]["model"], "seeds": [r["seed"] for r in recs],
+                   "best_epoch": [r["best_epoch"] for r in recs], "epochs_run": [len(r["history"]) for r in recs],
+                   "metrics": {}, "best_on_test": {}}
+            for k in METRIC_KEYS:
+                vals = [r["metrics"][k] for r in recs]
+                m, sd = mean_sd(vals)
+                row["metrics"][k] = {"mean": m, "sd": sd, "values": vals}
+                bot = [(r["metrics"].get("best_on_test") or {}).get(k) for r in recs]
+                if all(v is not None for v in bot):
+                    m, sd = mean_sd(bot)
+                    row["best_on_test"][k] = {"mean": m, "sd": sd, "values": bot}
+            secs = [_median_epoch_seconds(r) for r in recs]
+            row["seconds_per_epoch"] = None if None in secs else statistics.fmean(secs)
+            pub = PUBLISHED.get(key[0], {}).get(recs[0]["model"]) if key[1] == 1 else None
+            row["published"] = {"P@20": pub[0], "MRR@20": pub[1]} if pub else None
+            rows.append(row)
+        out.append({"dataset": key[0], "fraction": key[1], "dataset_kwargs": dict(key[2]),
+                    "title": dataset_title(key), "stats": labels[0][1][0]["stats"], "rows": rows})
+    return {"format": "mtd_fast/merged-table", "format_version": 1, "datasets": out}
+
+
+def merge_table(records: Iterable[dict[str, Any]], order: Sequence[str] = (), heading: str = "###") -> str:
+    """The paper's Tables 2/3 as markdown, one table per dataset: test P@5/10/20 and
+    MRR@5/10/20 (x100) at the epoch picked on validation (mean ± sample sd over seeds when
+    there are several), then the best-epoch-on-test figures in their own columns, and the
+    published figures (best epoch on test, full data) where MTD_SPEC.md section 7 has them."""
+    merged = merge_json(records, order)
+    parts = []
+    cols = ["model", *TABLE_KEYS, "best-on-test P@20", "best-on-test MRR@20", "best epoch", "seeds", "s/epoch",
+            "published P@20 / MRR@20"]
+    for ds in merged["datasets"]:
+        rows = []
+        for r in ds["rows"]:
+            cells = {"model": display_name(r["label"]), "seeds": len(r["seeds"]),
+                     "best epoch": ", ".join(str(e) for e in r["best_epoch"]),
+                     "s/epoch": "–" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']:.1f}",
+                     "published P@20 / MRR@20": (f"{r['published']['P@20']:.2f} / {r['published']['MRR@20']:.2f}"
+                                                 if r["published"] else "")}
+            for k in TABLE_KEYS:
+                cells[k] = fmt_mean_sd(r["metrics"][k]["values"])
+            for k in ("P@20", "MRR@20"):
+                b = r["best_on_test"].get(k)
+                cells[f"best-on-test {k}"] = fmt_mean_sd(b["values"]) if b else "–"
+            rows.append(cells)
+        s = ds["stats"]
+        parts.append(f"{heading} {ds['title']}\n\n{s.get('train_samples')} training samples, "
+                     f"{s.get('valid_samples')} validation, {s.get('test_samples')} test, {s.get('items')} items.\n\n"
+                     + markdown_table(rows, cols, right=[*TABLE_KEYS, "best-on-test P@20", "best-on-test MRR@20",
+                                                         "seeds", "s/epoch"]))
+    note = ("Test metrics (x100) at the epoch picked on VALIDATION (mean ± sample sd over seeds when several). "
+            "'best-on-test' is the field's protocol (best epoch on the test set), for comparison only; "
+            "'published' are the papers' figures under that protocol on full data (MTD_SPEC.md section 7). "
+            "s/epoch: median training seconds per epoch.")
+    return note + "\n\n" + "\n\n".join(parts) + "\n"

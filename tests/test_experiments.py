@@ -1,0 +1,203 @@
+"""The resumable experiment runner and `mtd-fast experiment table2` on tiny synthetic data."""
+from __future__ import annotations
+
+import importlib
+import json
+import re
+
+import pytest
+
+import mtd_fast
+from mtd_fast.cli import main
+from mtd_fast.experiments import ExperimentError, RunSpec, load_results, merge_json, merge_table, result_path, run_all
+from mtd_fast.experiments import runner, table2
+from mtd_fast.experiments.report import fmt_mean_sd, markdown_table
+from mtd_fast.metrics import METRIC_KEYS
+
+train_module = importlib.import_module("mtd_fast.train")  # the module (the package attribute is the function)
+
+DATA = {"n_sessions": 300, "n_items": 60}
+SMALL = {"hidden_size": 8, "batch_size": 64, "max_steps_per_epoch": 2, "graph_steps": 3}
+CLI_SMALL = ["--n-sessions", "300", "--n-items", "60", "--hidden-size", "8", "--batch-size", "64",
+             "--max-steps-per-epoch", "2", "--graph-steps", "3", "--quiet"]
+TOP_KEYS = {"dataset", "model", "label", "seed", "metrics", "best_epoch", "epochs", "fraction", "overrides",
+            "model_config", "train_config", "history", "stats", "command", "commit", "torch", "machine", "date",
+            "wall_seconds", "format", "format_version"}
+
+
+def spec(model, seed=0, epochs=2, **kw):
+    return RunSpec("synthetic", model=model, seed=seed, epochs=epochs, overrides={**SMALL, **kw.pop("over", {})},
+                   dataset_kwargs=DATA, **kw)
+
+
+class CountingTrain:
+    """Wraps mtd_fast.train.train and counts the runs (or refuses them)."""
+
+    def __init__(self, monkeypatch, refuse=False):
+        self.calls, self.refuse, self.real = [], refuse, train_module.train
+        monkeypatch.setattr(train_module, "train", self)
+
+    def __call__(self, ds, **kw):
+        if self.refuse:
+            raise AssertionError(f"train() called for {kw.get('model')} seed {kw.get('seed')}")
+        self.calls.append((kw["model"], kw["seed"]))
+        return self.real(ds, **kw)
+
+
+def test_run_all_writes_one_file_per_run_then_retrains_nothing(tmp_path, monkeypatch):
+    specs = [spec(m, s) for m in ("pop", "stamp") for s in (0, 1)]
+    loads = []
+    real_load = runner._load
+    monkeypatch.setattr(runner, "_load", lambda s: loads.append(s) or real_load(s))
+    counting = CountingTrain(monkeypatch)
+    records = run_all(specs, tmp_path, quiet=True)
+    assert len(loads) == 1  # one dataset group, loaded once
+    assert counting.calls == [("pop", 0), ("pop", 1), ("stamp", 0), ("stamp", 1)]
+    files = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert files == sorted(result_path(tmp_path, s).name for s in specs)
+    assert result_path(tmp_path, specs[0]).name == "synthetic-n_items=60-n_sessions=300__pop__seed0.json"
+    ds = mtd_fast.load_dataset("synthetic", **DATA)
+    for s, rec in zip(specs, records):
+        on_disk = json.loads(result_path(tmp_path, s).read_text())
+        assert on_disk == json.loads(json.dumps(rec))
+        assert TOP_KEYS <= set(on_disk)
+        assert (on_disk["dataset"], on_disk["model"], on_disk["label"], on_disk["seed"]) == ("synthetic", s.model,
+                                                                                             s.model, s.seed)
+        assert set(METRIC_KEYS) <= set(on_disk["metrics"]) and set(on_disk["metrics"]["best_on_test"]) == set(METRIC_KEYS)
+        assert on_disk["train_config"]["max_steps_per_epoch"] == 2 and on_disk["model_config"]["hidden_size"] == 8
+        assert on_disk["overrides"] == SMALL and on_disk["epochs"] == 2 and on_disk["fraction"] == 1.0
+        assert on_disk["stats"] == ds.stats()
+        assert on_disk["command"] == s.api_call() and on_disk["command"].startswith("mtd_fast.train(")
+        hist = on_disk["history"]
+        assert all({"epoch", "valid", "test", "train_seconds"} <= set(h) for h in hist)
+        assert on_disk["best_epoch"] in [h["epoch"] for h in hist]
+        if s.model == "stamp":  # trained by epochs: the validation-picked epoch's test metrics
+            assert len(hist) == 2
+            picked = next(h for h in hist if h["epoch"] == on_disk["best_epoch"])
+            assert picked["valid"]["P@20"] == max(h["valid"]["P@20"] for h in hist)
+            assert on_disk["metrics"]["best_on_test"]["P@20"] == max(h["test"]["P@20"] for h in hist)
+    assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temp file
+
+    CountingTrain(monkeypatch, refuse=True)  # a second invocation trains nothing
+    monkeypatch.setattr(runner, "_load", lambda s: pytest.fail("a finished study loaded its data again"))
+    again = run_all(specs, tmp_path, quiet=True)
+    assert again == [json.loads(result_path(tmp_path, s).read_text()) for s in specs]
+    assert load_results(tmp_path, specs[::-1]) == again[::-1]
+
+
+def test_bad_files_are_redone_never_merged(tmp_path, monkeypatch, capsys):
+    specs = [spec("pop", s) for s in range(5)]
+    run_all(specs, tmp_path, quiet=True)
+    paths = [result_path(tmp_path, s) for s in specs]
+    good = paths[0].read_text()
+    paths[1].write_text(good[: len(good) // 2])  # truncated by a crash
+    paths[2].write_text("not json at all {")  # corrupt
+    mismatch = json.loads(good.replace('"seed": 0', '"seed": 3'))
+    mismatch["epochs"], mismatch["metrics"]["P@20"] = 7, 99.99  # another spec's result
+    paths[3].write_text(json.dumps(mismatch))
+    partial = json.loads(paths[4].read_text())
+    del partial["history"]
+    paths[4].write_text(json.dumps(partial))
+    counting = CountingTrain(monkeypatch)
+    records = run_all(specs, tmp_path, quiet=True)
+    assert sorted(counting.calls) == [("pop", 1), ("pop", 2), ("pop", 3), ("pop", 4)]
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("redo ")]
+    assert len(lines) == 4
+    assert "truncated" in err and "made by another spec (epochs 7 != 2)" in err and "'history' is missing" in err
+    for p in paths[1:]:
+        assert (p.parent / (p.name + ".replaced")).is_file()  # kept aside, not merged
+    assert all(runner.validate_record(r) is None for r in records)
+    assert records[3]["metrics"]["P@20"] != 99.99 and records[3]["epochs"] == 2
+    assert "99.99" not in merge_table(load_results(tmp_path))
+
+
+def test_merged_table_equals_the_files(tmp_path):
+    specs = [spec(m, s) for m in ("stamp", "pop") for s in (0, 1)] + [spec("pop", 0, label="pop-again")]
+    run_all(specs, tmp_path, quiet=True)
+    files = {(d["label"], d["seed"]): d for d in (json.loads(p.read_text()) for p in tmp_path.glob("*.json"))}
+    records = load_results(tmp_path)
+    assert len(records) == 5
+    md = merge_table(records, order=["pop", "stamp"])
+    rows = [line.split("|")[1:-1] for line in md.splitlines() if line.startswith("| ") and "---" not in line]
+    header = [c.strip() for c in rows[0]]
+    body = {r[0].strip(): [c.strip() for c in r] for r in rows[1:]}
+    assert list(body) == ["POP", "STAMP", "pop-again"]  # the given order, then the others
+    for label, name in (("pop", "POP"), ("stamp", "STAMP"), ("pop-again", "pop-again")):
+        seeds = sorted(s for (lab, s) in files if lab == label)
+        for k in ("P@5", "P@10", "P@20", "MRR@5", "MRR@10", "MRR@20"):
+            assert body[name][header.index(k)] == fmt_mean_sd([files[(label, s)]["metrics"][k] for s in seeds])
+        assert body[name][header.index("best-on-test P@20")] == fmt_mean_sd(
+            [files[(label, s)]["metrics"]["best_on_test"]["P@20"] for s in seeds])
+        assert body[name][header.index("seeds")] == str(len(seeds))
+    assert " ± " in body["STAMP"][header.index("P@20")]
+    merged = merge_json(records)
+    (ds,) = merged["datasets"]
+    for row in ds["rows"]:
+        for k in METRIC_KEYS:
+            assert row["metrics"][k]["values"] == [files[(row["label"], s)]["metrics"][k] for s in row["seeds"]]
+
+
+def test_runspec_validation_and_hashing():
+    a = RunSpec("synthetic", model="MTD-lo", overrides={"lr": 0.01, "batch_size": 8})
+    assert a.label == "mtd-lo" and a.overrides == (("batch_size", 8), ("lr", 0.01))
+    assert hash(a) == hash(RunSpec("synthetic", model="MTD-lo", overrides={"batch_size": 8, "lr": 0.01}))
+    with pytest.raises(ValueError, match="unknown model 'gpt'"):
+        RunSpec(model="gpt")
+    with pytest.raises(TypeError, match="unknown option 'nope'"):
+        RunSpec(overrides={"nope": 1})
+    with pytest.raises(ValueError, match="lr=-1 is invalid"):
+        RunSpec(overrides={"lr": -1})
+    with pytest.raises(ValueError, match="fixes graph_phases=0"):
+        RunSpec(model="mtd-lo", overrides={"graph_phases": 2})
+    with pytest.raises(ExperimentError, match="label"):
+        RunSpec(label="a/b")
+    with pytest.raises(ExperimentError, match="dataset_kwargs"):
+        RunSpec("diginetica", dataset_kwargs={"n_items": 3})
+    with pytest.raises(ExperimentError, match="give them different labels"):
+        run_all([RunSpec(model="pop"), RunSpec(model="pop", epochs=3)], "unused")
+    s = RunSpec("diginetica", root="/data/dg", fraction=0.25, model="srgnn", seed=2, label="srgnn")
+    assert result_path("out", s).as_posix() == "out/diginetica_frac0.25__srgnn__seed2.json"
+
+
+def test_markdown_table_renderer():
+    md = markdown_table([{"a": 1.234, "b": "x"}, {"a": 2e6}], ["a", "b"], right=["a"])
+    assert md.splitlines() == ["| a | b |", "| ---: | --- |", "| 1.23 | x |", "| 2000000 |  |"]
+    assert fmt_mean_sd([1.0]) == "1.00" and fmt_mean_sd([1.0, 3.0]) == "2.00 ± 1.41"
+
+
+def test_cli_table2_files_resume_and_errors(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "figs"
+    argv = ["experiment", "table2", "--models", "pop", "stamp", "--seeds", "0", "1", "--epochs", "2", *CLI_SMALL,
+            "--out", str(out)]
+    assert main(argv) == 0
+    runs = sorted(p.name for p in (out / "table2").glob("*.json"))
+    assert len(runs) == 4 and all(re.match(r"synthetic-n_items=60-n_sessions=300__(pop|stamp)__seed[01]\.json", r)
+                                  for r in runs)
+    rec = json.loads((out / "table2" / runs[0]).read_text())
+    assert rec["command"] == "mtd-fast " + " ".join(argv)
+    merged = json.loads((out / "table2.json").read_text())
+    assert [r["label"] for r in merged["datasets"][0]["rows"]] == ["pop", "stamp"]
+    md = (out / "table2.md").read_text()
+    assert md.count("| POP |") == 1 and "best-on-test P@20" in md and "mtd-fast experiment table2" in md
+    assert (out / "table2_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert merge_table(load_results(out / "table2"), table2.ORDER) in md  # the table is the files
+    capsys.readouterr()
+    CountingTrain(monkeypatch, refuse=True)
+    assert main(argv) == 0  # everything done: merges again, trains nothing
+    assert (out / "table2.md").read_text() == md
+
+    def err(args):
+        assert main(args) == 2
+        text = capsys.readouterr().err
+        assert len(text.strip().splitlines()) == 1, text
+        return text
+
+    assert "unknown experiment 'table3'" in err(["experiment", "table3", "--out", str(out)])
+    assert "unknown model 'gpt'" in err(["experiment", "table2", "--models", "gpt", "--out", str(out)])
+    assert "no such folder" in err(["experiment", "table2", "--dataset", "diginetica", "--data-dir",
+                                    str(tmp_path / "nope"), "--out", str(out)])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert "cannot write results" in err(["experiment", "table2", "--models", "pop", *CLI_SMALL,
+                                          "--out", str(blocker / "sub")])
