@@ -47,8 +47,8 @@ class CountingTrain:
 def test_run_all_writes_one_file_per_run_then_retrains_nothing(tmp_path, monkeypatch):
     specs = [spec(m, s) for m in ("pop", "stamp") for s in (0, 1)]
     loads = []
-    real_load = runner._load
-    monkeypatch.setattr(runner, "_load", lambda s: loads.append(s) or real_load(s))
+    real_load = runner.load_spec_dataset
+    monkeypatch.setattr(runner, "load_spec_dataset", lambda s: loads.append(s) or real_load(s))
     counting = CountingTrain(monkeypatch)
     records = run_all(specs, tmp_path, quiet=True)
     assert len(loads) == 1  # one dataset group, loaded once
@@ -79,7 +79,7 @@ def test_run_all_writes_one_file_per_run_then_retrains_nothing(tmp_path, monkeyp
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temp file
 
     CountingTrain(monkeypatch, refuse=True)  # a second invocation trains nothing
-    monkeypatch.setattr(runner, "_load", lambda s: pytest.fail("a finished study loaded its data again"))
+    monkeypatch.setattr(runner, "load_spec_dataset", lambda s: pytest.fail("a finished study loaded its data again"))
     again = run_all(specs, tmp_path, quiet=True)
     assert again == [json.loads(result_path(tmp_path, s).read_text()) for s in specs]
     assert load_results(tmp_path, specs[::-1]) == again[::-1]

@@ -2,7 +2,8 @@
 
 - `runner`: `RunSpec`, `run_all` (one JSON result file per dataset, label and seed; a
   finished run is never retrained), `load_results`, `merge_table` / `merge_json`.
-- one module per experiment: `table2` (Tables 2/3 and training curves).
+- one module per experiment: `table2` (Tables 2/3 and training curves), `ablation`
+  (Figure 3), `sensitivity` (Figure 4), `interpret` (Figure 5).
 
 `run_experiment(name, **settings)` runs one of them; the CLI is a thin layer over it.
 """
@@ -20,6 +21,9 @@ __all__ = ["EXPERIMENTS", "run_experiment", "RunSpec", "run_all", "result_path",
 
 EXPERIMENTS = {
     "table2": "accuracy of every model: the paper's Tables 2/3, plus training curves",
+    "ablation": "MTD against MTD-va, MTD-at, MTD-lo, MTD-ga (Figure 3)",
+    "sensitivity": "hidden size, training frequency and GCN depth (Figure 4)",
+    "interpret": "attention and aggregation weights, t-SNE of session representations (Figure 5)",
 }
 
 

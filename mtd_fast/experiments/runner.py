@@ -36,7 +36,7 @@ from .report import (ExperimentError, atomic_save, atomic_write_json, display_na
                      mean_sd)
 
 __all__ = ["RunSpec", "result_path", "run_all", "load_results", "merge_table", "merge_json", "validate_record",
-           "spec_mismatch", "FORMAT", "FORMAT_VERSION", "TABLE_KEYS", "PUBLISHED", "group_records"]
+           "spec_mismatch", "load_spec_dataset", "dataset_part", "valid_at_best", "FORMAT", "FORMAT_VERSION", "TABLE_KEYS", "PUBLISHED", "group_records"]
 
 log = logging.getLogger("mtd_fast")
 
@@ -161,7 +161,7 @@ class RunSpec:
                 f"epochs={self.epochs}, seed={self.seed}{kw})")
 
 
-def _dataset_part(spec: RunSpec) -> str:
+def dataset_part(spec: RunSpec) -> str:
     part = spec.dataset_key
     if spec.fraction != 1:
         part += f"_frac{spec.fraction:g}"
@@ -171,7 +171,7 @@ def _dataset_part(spec: RunSpec) -> str:
 
 def result_path(out_dir: os.PathLike | str, spec: RunSpec) -> Path:
     """`OUT/<dataset>[_frac<F>][-<synthetic options>]__<label>__seed<S>.json`."""
-    return Path(out_dir) / f"{_dataset_part(spec)}__{spec.label}__seed{spec.seed}.json"
+    return Path(out_dir) / f"{dataset_part(spec)}__{spec.label}__seed{spec.seed}.json"
 
 
 def checkpoint_path(out_dir: os.PathLike | str, spec: RunSpec) -> Path:
@@ -211,17 +211,17 @@ def cli_command(argv: Optional[Sequence[str]] = None) -> str:
     return shlex.join(["mtd-fast", *args])
 
 
-def _make_record(spec: RunSpec, result, stats: dict[str, Any], command: str, wall: float,
-                 dataset_name: str) -> dict[str, Any]:
+def _make_record(spec: RunSpec, result, ds, stats: dict[str, Any], command: str, wall: float) -> dict[str, Any]:
     import torch
 
     commit, dirty = _source_commit()
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "dataset": dataset_name, "model": spec.model, "label": spec.label, "seed": spec.seed,
+        "dataset": ds.name, "model": spec.model, "label": spec.label, "seed": spec.seed,
         "metrics": result.metrics, "best_epoch": result.best_epoch, "epochs": spec.epochs,
         "epochs_run": len(result.history), "fraction": spec.fraction, "root": spec.root,
-        "dataset_kwargs": spec.dataset_kwargs_dict, "overrides": spec.overrides_dict,
+        "dataset_kwargs": spec.dataset_kwargs_dict, "dataset_rec_frequency": ds.rec_frequency,
+        "overrides": spec.overrides_dict,
         "model_config": dataclasses.asdict(result.model_config), "train_config": dataclasses.asdict(result.train_config),
         "history": result.history, "backends": result.backends, "stats": stats, "command": command,
         "commit": commit, "commit_dirty": dirty, "torch": torch.__version__, "machine": _machine(),
@@ -342,7 +342,8 @@ def check_data(spec: RunSpec) -> None:
         raise DataError(f"{root}: no such folder (dataset {spec.dataset_key!r})")
 
 
-def _load(spec: RunSpec):
+def load_spec_dataset(spec: RunSpec):
+    """The dataset a spec trains on (`load_dataset` with its name, root, fraction and options)."""
     from ..data import load_dataset
 
     return load_dataset(spec.dataset, root=spec.root, fraction=spec.fraction, **spec.dataset_kwargs_dict)
@@ -456,7 +457,7 @@ def run_all(specs: Sequence[RunSpec], out_dir: os.PathLike | str, *, quiet: bool
         for i in pending:
             groups.setdefault(specs[i].data_group, []).append(i)
         for idxs in groups.values():
-            ds = _load(specs[idxs[0]])
+            ds = load_spec_dataset(specs[idxs[0]])
             stats = ds.stats()
             for i in idxs:
                 s = specs[i]
@@ -465,18 +466,19 @@ def run_all(specs: Sequence[RunSpec], out_dir: os.PathLike | str, *, quiet: bool
                 old = paths[i]
                 if old.is_file():  # corrupt, partial or mismatching: never merged, kept aside
                     os.replace(old, old.with_name(old.name + ".replaced"))
-                what = f"{_dataset_part(s)} {s.label} seed {s.seed}"
+                what = f"{dataset_part(s)} {s.label} seed {s.seed}"
                 bar.start(what)
                 t0 = time.perf_counter()
                 res = train(ds, model=s.model, epochs=s.epochs, seed=s.seed, backend=backend, quiet=quiet,
                             **s.overrides_dict)
                 wall = time.perf_counter() - t0
-                rec = _make_record(s, res, stats, command or s.api_call(), wall, ds.name)
+                rec = _make_record(s, res, ds, stats, command or s.api_call(), wall)
                 if checkpoints:
                     from ..serialization import save
 
                     atomic_save(checkpoint_path(out_dir, s), lambda tmp: save(res.model, tmp))
                 atomic_write_json(old, rec)
+                rec = json.loads(json.dumps(rec, default=str))  # exactly what the file holds
                 for j in idxs:
                     if specs[j] == s:
                         records[j] = rec
@@ -518,6 +520,11 @@ def dataset_title(key: tuple) -> str:
     return title
 
 
+def valid_at_best(rec: dict[str, Any]) -> Optional[dict[str, float]]:
+    """The validation metrics of the epoch that validation picked (None without validation)."""
+    return next((h.get("valid") for h in rec["history"] if h["epoch"] == rec["best_epoch"]), None)
+
+
 def _median_epoch_seconds(rec: dict[str, Any]) -> Optional[float]:
     if rec["history"][0].get("train_loss") is None:
         return None  # fitted in one pass, not trained by epochs
@@ -526,22 +533,24 @@ def _median_epoch_seconds(rec: dict[str, Any]) -> Optional[float]:
 
 def merge_json(records: Iterable[dict[str, Any]], order: Sequence[str] = ()) -> dict[str, Any]:
     """The merged table as JSON: per dataset, per label, each metric's per-seed values, mean
-    and sd, the best-on-test figures, best epochs, seconds per epoch and the files' seeds."""
+    and sd (test at the validation-picked epoch under "metrics", the best-on-test figures,
+    and the validation metrics of the picked epoch under "valid"), best epochs, seconds per
+    epoch and the seeds of the files."""
     out = []
     for key, labels in group_records(records, order):
         rows = []
         for label, recs in labels:
             row = {"label": label, "model": recs[0]["model"], "seeds": [r["seed"] for r in recs],
                    "best_epoch": [r["best_epoch"] for r in recs], "epochs_run": [len(r["history"]) for r in recs],
-                   "metrics": {}, "best_on_test": {}}
+                   "metrics": {}, "best_on_test": {}, "valid": {}}
+            valid = [valid_at_best(r) or {} for r in recs]
             for k in METRIC_KEYS:
-                vals = [r["metrics"][k] for r in recs]
-                m, sd = mean_sd(vals)
-                row["metrics"][k] = {"mean": m, "sd": sd, "values": vals}
-                bot = [(r["metrics"].get("best_on_test") or {}).get(k) for r in recs]
-                if all(v is not None for v in bot):
-                    m, sd = mean_sd(bot)
-                    row["best_on_test"][k] = {"mean": m, "sd": sd, "values": bot}
+                for part, vals in (("metrics", [r["metrics"][k] for r in recs]),
+                                   ("best_on_test", [(r["metrics"].get("best_on_test") or {}).get(k) for r in recs]),
+                                   ("valid", [v.get(k) for v in valid])):
+                    if all(v is not None for v in vals):
+                        m, sd = mean_sd(vals)
+                        row[part][k] = {"mean": m, "sd": sd, "values": vals}
             secs = [_median_epoch_seconds(r) for r in recs]
             row["seconds_per_epoch"] = None if None in secs else statistics.fmean(secs)
             pub = PUBLISHED.get(key[0], {}).get(recs[0]["model"]) if key[1] == 1 else None

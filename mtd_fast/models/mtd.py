@@ -278,3 +278,14 @@ class MTD(SessionModel):
         """E[nodes] = H (hard overwrite)."""
         nodes = graph.torch_tensors(self.device)[4]
         self.item_emb.weight[nodes] = h.to(self.item_emb.weight.dtype)
+
+    # ---- interpretation --------------------------------------------------------------------
+    def explain(self, sessions):
+        """Per-session weights (paper Figure 5), computed by the reference ops in evaluation
+        mode: {"sessions", "self_attention" (per session (blocks, heads, n, n), rows sum to 1;
+        None without self-attention), "alpha" (n,), "position_decay" (n,) (None without that
+        branch), "gamma", "representation" (B, d)}. `sessions`: lists of item ids. See
+        `mtd_fast.models.explain`."""
+        from .explain import explain
+
+        return explain(self, sessions)
