@@ -10,7 +10,11 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
-__all__ = ["MTDConfig", "TrainConfig", "split_overrides", "ConfigError"]
+__all__ = ["MTDConfig", "TrainConfig", "split_overrides", "ConfigError", "GRAPH_MODES", "PHASE_MODES",
+           "check_graph_options"]
+
+GRAPH_MODES = ("overwrite", "rescaled", "joint", "residual")
+PHASE_MODES = ("overwrite", "rescaled")  # modes that train the graph in phases and write back
 
 
 class ConfigError(ValueError):
@@ -52,6 +56,16 @@ class MTDConfig:
     graph_directed: bool = False
     graph_weighted: bool = False
     graph_norm: str = "sym"  # "sym", "mean" or "none"
+    # How the graph side reaches the recommender (README "Graph integration"):
+    # "overwrite" E[nodes] = H after each graph phase (the authors' code); "rescaled" the same
+    # with each row kept at its previous norm; "joint" L_rec + graph_weight * L_DGI at every
+    # step, no write-back (the paper's equation); "residual" the table E + GCN(E) (or
+    # LightGCN's layer mean) used for session items and candidates at every step.
+    graph_mode: str = "overwrite"
+    residual_form: str = "gcn"  # graph_mode="residual": "gcn" (E + GCN(E)) or "light" (mean of A^l E, l=0..L)
+    score_norm: bool = False  # cosine scoring: score_scale * <q/|q|, e/|e|> (NISER), else a plain dot product
+    score_scale: float = 12.0  # the scale of cosine scoring (its initial value when learned)
+    learn_score_scale: bool = False
     # Baseline knobs (ignored by MTD); see each model file for what it reads.
     gnn_steps: int = 1  # SR-GNN gated GNN propagation steps
     knn_neighbors: int = 100  # ItemKNN neighbourhood size
@@ -77,13 +91,18 @@ class MTDConfig:
         _check(self.graph_encoder in ("gcn", "gat"), "graph_encoder", self.graph_encoder, "one of 'gcn', 'gat'")
         _check(self.graph_norm in ("sym", "mean", "none"), "graph_norm", self.graph_norm,
                "one of 'sym', 'mean', 'none'")
+        _check(self.graph_mode in GRAPH_MODES, "graph_mode", self.graph_mode, f"one of {', '.join(map(repr, GRAPH_MODES))}")
+        _check(self.residual_form in ("gcn", "light"), "residual_form", self.residual_form, "one of 'gcn', 'light'")
+        _check(self.residual_form == "gcn" or self.graph_mode == "residual", "residual_form", self.residual_form,
+               f"only graph_mode='residual' propagates the item table (graph_mode={self.graph_mode!r})")
+        _check(_is_num(self.score_scale) and self.score_scale > 0, "score_scale", self.score_scale, "a number > 0")
         if self.graph_encoder == "gat":  # attention weights replace both: refuse rather than ignore
             _check(not self.graph_weighted, "graph_weighted", self.graph_weighted,
                    "graph_encoder='gat' (MTD-ga) weighs edges by attention, not by transition counts")
             _check(self.graph_norm == "sym", "graph_norm", self.graph_norm,
                    "graph_encoder='gat' (MTD-ga) normalizes by its attention softmax, not by graph_norm")
         for name in ("learn_position_decay", "use_self_attention", "use_position_decay", "graph_directed",
-                     "graph_weighted"):
+                     "graph_weighted", "score_norm", "learn_score_scale"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "a bool")
         _check(_is_int(self.gnn_steps) and self.gnn_steps >= 1, "gnn_steps", self.gnn_steps, "an int >= 1")
         _check(_is_int(self.knn_neighbors) and self.knn_neighbors >= 1, "knn_neighbors", self.knn_neighbors,
@@ -110,6 +129,7 @@ class TrainConfig:
     graph_phases: int = 4
     graph_steps: int = 1000
     graph_patience: int = 10
+    graph_weight: float = 1.0  # lambda_g of graph_mode "joint" / "residual": loss = CE + lambda_g * DGI BCE (both means)
     eval_test_each_epoch: bool = True  # only for the separately labelled best-on-test figures
     max_steps_per_epoch: Optional[int] = None  # cap batches per epoch (quick runs, benches)
     num_threads: Optional[int] = None  # torch intra-op threads; None leaves torch's choice
@@ -131,6 +151,8 @@ class TrainConfig:
         for name in ("graph_phases", "graph_steps"):
             v = getattr(self, name)
             _check(_is_int(v) and v >= 0, name, v, "an int >= 0")
+        _check(_is_num(self.graph_weight) and self.graph_weight >= 0, "graph_weight", self.graph_weight,
+               "a number >= 0")
         _check(_is_int(self.graph_patience) and self.graph_patience >= 1, "graph_patience", self.graph_patience,
                "an int >= 1")
         _check(self.max_steps_per_epoch is None or (_is_int(self.max_steps_per_epoch) and self.max_steps_per_epoch >= 1),
@@ -164,3 +186,27 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
                 f"(MTDConfig: {', '.join(sorted(_MODEL_FIELDS))}; TrainConfig: {', '.join(sorted(_TRAIN_FIELDS))})"
             )
     return model, train
+
+
+# TrainConfig fields that only the phase modes read, and the one only the per-step modes read
+_PHASE_FIELDS = ("rec_frequency", "graph_steps", "graph_patience")
+
+
+def check_graph_options(mode: str, explicit: set[str], train_config: TrainConfig) -> None:
+    """Refuse explicitly given schedule fields that `graph_mode` would ignore.
+
+    `explicit`: the option names the user passed. `graph_phases=0` (no graph at all, MTD-lo)
+    is valid in every mode.
+    """
+    if mode in PHASE_MODES:
+        if "graph_weight" in explicit:
+            raise ConfigError(f"graph_weight is the per-step DGI weight of graph_mode 'joint' / 'residual'; "
+                              f"graph_mode={mode!r} trains the graph in phases (graph_phases, graph_steps, "
+                              "graph_patience, rec_frequency)")
+        return
+    unused = [n for n in _PHASE_FIELDS if n in explicit]
+    if "graph_phases" in explicit and train_config.graph_phases != 0:
+        unused.insert(0, "graph_phases")
+    if unused:
+        raise ConfigError(f"{', '.join(unused)}: graph_mode={mode!r} trains the graph at every step (weight "
+                          "graph_weight), so graph phases do not exist; only graph_phases=0 (no graph) applies")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import ops
-from .config import MTDConfig, TrainConfig, split_overrides
+from .config import PHASE_MODES, MTDConfig, TrainConfig, check_graph_options, split_overrides
 from .data.dataset import Dataset
 from .data.store import DataError, Samples, iter_batches
 from .metrics import MetricAccumulator, better, ranks_from_scores
@@ -97,6 +97,8 @@ def evaluate_samples(model: SessionModel, samples: Samples, batch_size: int = 10
     if samples.max_item() > model.n_items:
         raise DataError(f"the samples hold item id {samples.max_item()}, beyond the model's catalogue "
                         f"of {model.n_items} items")
+    from .metrics import batch_ranks  # chunked ranking for models with score_parts: no (batch, M) scores
+
     was_training = model.training
     model.eval()
     acc = MetricAccumulator()
@@ -105,7 +107,7 @@ def evaluate_samples(model: SessionModel, samples: Samples, batch_size: int = 10
         for idx in _progress(batches, len(batches), desc, quiet):
             batch = model.batch_from_sessions(samples.prefixes, idx)
             targets = torch.from_numpy(samples.targets[idx].astype(np.int64)).to(model.device)
-            acc.add(ranks_from_scores(model.scores(batch), targets))
+            acc.add(batch_ranks(model, batch, targets))
     finally:
         model.train(was_training)
     return acc.result()
@@ -163,21 +165,48 @@ def _graph_phase(net, graph, opt: torch.optim.Optimizer, cfg: TrainConfig, quiet
     return best_loss, steps, time.perf_counter() - t0
 
 
+@dataclass
+class GraphEveryStep:
+    """The graph side of graph_mode "joint" / "residual", trained at every recommendation step:
+    its optimizer and parameters, the DGI weight lambda_g, and the DGI values seen."""
+
+    opt: torch.optim.Optimizer
+    params: list
+    weight: float
+    dgi_values: list = field(default_factory=list)
+
+    def mean_dgi(self) -> Optional[float]:
+        return sum(self.dgi_values) / len(self.dgi_values) if self.dgi_values else None
+
+
 def train_step(net, samples: Samples, idx: np.ndarray, opt, params, l2: float,
-               on_grads: Optional[Callable[[dict], None]] = None) -> float:
+               on_grads: Optional[Callable[[dict], None]] = None, graph: Optional[GraphEveryStep] = None) -> float:
     """One recommendation step: batch building, forward, loss + l2 * 0.5||theta||^2,
     backward, Adam step. Returns the loss (raises on a non-finite one). `on_grads(batch)`
-    runs between backward and the optimizer step (benches inspect gradients there)."""
+    runs between backward and the optimizer step (benches inspect gradients there).
+    With `graph` (graph_mode "joint" / "residual") the loss is `net.multitask_loss` plus the
+    graph side's L2, and both optimizers step."""
     batch = net.batch_from_sessions(samples.prefixes, idx)
     targets = torch.from_numpy(samples.targets[idx].astype(np.int64)).to(net.device)
-    loss = net.loss(batch, targets)
+    if graph is None:
+        loss = net.loss(batch, targets)
+    else:
+        loss, dgi = net.multitask_loss(batch, targets, graph.weight)
+        if dgi is not None:
+            graph.dgi_values.append(float(dgi.detach()))
+        if l2:
+            loss = loss + l2 * net.l2_penalty(graph.params)
     if l2:
         loss = loss + l2 * net.l2_penalty(params)
     opt.zero_grad(set_to_none=True)
+    if graph is not None:
+        graph.opt.zero_grad(set_to_none=True)
     loss.backward()
     if on_grads is not None:
         on_grads(batch)
     opt.step()
+    if graph is not None:
+        graph.opt.step()
     value = float(loss.detach())
     if not math.isfinite(value):
         raise FloatingPointError(f"training loss became {value}; try a lower lr")
@@ -185,7 +214,7 @@ def train_step(net, samples: Samples, idx: np.ndarray, opt, params, l2: float,
 
 
 def _rec_epoch(net, samples: Samples, opt, params, cfg: TrainConfig, rng: np.random.Generator, quiet: bool,
-               epoch: int) -> tuple[float, int, float]:
+               epoch: int, graph: Optional[GraphEveryStep] = None) -> tuple[float, int, float]:
     t0 = time.perf_counter()
     net.train()
     batches = list(iter_batches(len(samples), cfg.batch_size, rng))
@@ -195,7 +224,7 @@ def _rec_epoch(net, samples: Samples, opt, params, cfg: TrainConfig, rng: np.ran
     bar = _progress(batches, len(batches), f"epoch {epoch}", quiet)
     for idx in bar:
         try:
-            value = train_step(net, samples, idx, opt, params, cfg.l2)
+            value = train_step(net, samples, idx, opt, params, cfg.l2, graph=graph)
         except FloatingPointError as exc:
             raise FloatingPointError(f"epoch {epoch}: {exc} (lr={cfg.lr})") from None
         total += value * len(idx)
@@ -222,6 +251,8 @@ def train(dataset: Dataset, *, model: str = "mtd", epochs: int = 10, seed: int =
         raise DataError(f"dataset {dataset.name!r} has no test samples: nothing to report after training")
     mkw, tkw = split_overrides(ablation_overrides(model, overrides))
     mcfg, tcfg = MTDConfig(**mkw), TrainConfig(**tkw)
+    if getattr(model_class(model), "uses_global_graph", False):
+        check_graph_options(mcfg.graph_mode, set(overrides), tcfg)
     backend = ops.validate_spec(backend)
     if tcfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={tcfg.device!r} but CUDA is not available")
@@ -256,7 +287,8 @@ def _train(dataset: Dataset, model: str, epochs: int, seed: int, backend: Any, q
         return TrainResult(net, metrics, history, 1, mcfg, tcfg, dataset.name, used)
 
     graph, graph_build_s = None, 0.0
-    if net.uses_global_graph and tcfg.graph_phases > 0 and tcfg.graph_steps > 0:
+    phases = net.uses_global_graph and mcfg.graph_mode in PHASE_MODES  # graph phases + write-back
+    if net.uses_global_graph and tcfg.graph_phases > 0 and (tcfg.graph_steps > 0 or not phases):
         t0 = time.perf_counter()
         graph = ops.global_graph(dataset.train_sessions, dataset.n_items, directed=mcfg.graph_directed,
                                  weighted=mcfg.graph_weighted, backend=backend)
@@ -268,7 +300,14 @@ def _train(dataset: Dataset, model: str, epochs: int, seed: int, backend: Any, q
              f"({graph_build_s:.2f}s, {used['global_graph']})", quiet)
     rec_params = net.rec_parameters()
     opt = torch.optim.Adam(rec_params, lr=tcfg.lr)
-    opt_g = torch.optim.Adam(net.graph_parameters(), lr=tcfg.lr) if graph is not None else None
+    every_step, opt_g = None, None
+    if graph is not None and phases:
+        opt_g = torch.optim.Adam(net.graph_parameters(), lr=tcfg.lr)
+    elif graph is not None:  # joint / residual: the graph side trains at every step
+        net.set_graph(graph)
+        g_params = net.graph_parameters(discriminator=tcfg.graph_weight > 0)  # W_D unused without the DGI term
+        opt_g = torch.optim.Adam(g_params, lr=tcfg.lr)
+        every_step = GraphEveryStep(opt_g, g_params, tcfg.graph_weight)
     rng = np.random.default_rng(seed)
     has_valid = len(dataset.valid) > 0
     if not has_valid:
@@ -280,9 +319,14 @@ def _train(dataset: Dataset, model: str, epochs: int, seed: int, backend: Any, q
         _set_lr(opt, lr)
         _set_lr(opt_g, lr)
         graph_loss, graph_s, graph_steps = None, 0.0, 0
-        if graph is not None and r % freq == 0 and r // freq < tcfg.graph_phases:
+        if phases and graph is not None and r % freq == 0 and r // freq < tcfg.graph_phases:
             graph_loss, graph_steps, graph_s = _graph_phase(net, graph, opt_g, tcfg, quiet, r // freq + 1)
-        train_loss, n_seen, train_s = _rec_epoch(net, dataset.train, opt, rec_params, tcfg, rng, quiet, r + 1)
+        if every_step is not None:
+            every_step.dgi_values.clear()
+        train_loss, n_seen, train_s = _rec_epoch(net, dataset.train, opt, rec_params, tcfg, rng, quiet, r + 1,
+                                                 every_step)
+        if every_step is not None:  # the mean DGI term of the epoch's steps (None when graph_weight = 0)
+            graph_loss, graph_steps = every_step.mean_dgi(), len(every_step.dgi_values)
         t0 = time.perf_counter()
         valid = evaluate_samples(net, dataset.valid, tcfg.eval_batch_size, quiet, "valid") if has_valid else None
         test = (evaluate_samples(net, dataset.test, tcfg.eval_batch_size, quiet, "test")

@@ -13,6 +13,16 @@ the switch and the spec's default:
 Ablations of Figure 3: MTD-va / MTD-at (`use_self_attention=False`, `use_position_decay`),
 MTD-lo (`graph_phases=0`), MTD-ga (`graph_encoder="gat"`).
 
+How the graph side reaches the recommender is `graph_mode` (README "Graph integration"):
+- "overwrite": E[nodes] = H after each graph phase (the authors' code);
+- "rescaled":  the same, each written row scaled to the norm it had: E[n] = H_n |E_n| / |H_n|;
+- "joint":     L = L_rec + lambda_g L_DGI(GCN(E[nodes])) at every step, no write-back, so
+               the DGI gradient reaches E (the paper's equation);
+- "residual":  the table T = E + GCN(E) on graph nodes (`residual_form="gcn"`), or
+               T = mean_l A_hat^l E (`"light"`, LightGCN's layer mean), is used for the
+               session's items and the candidates at every step (+ lambda_g L_DGI when > 0).
+`score_norm=True` scores by `score_scale * cos(q, T_j)` (NISER) instead of `q . T_j`.
+
 The hot ops go through `mtd_fast.ops` (session attention, aggregation, SpMM) so every
 backend computes the same function; dropout masks are drawn here, outside any kernel.
 """
@@ -201,6 +211,14 @@ class MTD(SessionModel):
         else:
             self.gnn = nn.ModuleList(GATLayer(d, backend) for _ in range(cfg.num_gcn_layers))
         self.discriminator = nn.Linear(d, d, bias=False)  # W_D
+        if cfg.score_norm:
+            scale = torch.tensor(float(cfg.score_scale))
+            if cfg.learn_score_scale:
+                self.score_scale = nn.Parameter(scale)
+            else:
+                self.register_buffer("score_scale", scale)
+        self.graph = None  # GlobalGraph of the training sessions; set by `set_graph` when a mode reads it per step
+        self._table_cache: Optional[tuple[tuple, torch.Tensor]] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -211,29 +229,91 @@ class MTD(SessionModel):
         for w in glorot:
             nn.init.xavier_uniform_(w)
         nn.init.uniform_(self.att_vec, -math.sqrt(6.0 / (d + 1)), math.sqrt(6.0 / (d + 1)))  # Glorot for (d, 1)
+        if self.config.graph_mode == "residual":
+            # T = E + tanh(LN(.)): with LN's gain at 1 the branch starts with row norms ~6.5 against
+            # E's ~0.58 and drowns the embeddings (the overwrite mode's failure); start it at the
+            # element scale of E's init, U(-1/sqrt(d), 1/sqrt(d)) -> std 1/sqrt(3d), where tanh is linear
+            for layer in self.gnn:
+                nn.init.constant_(layer.ln.weight, 1.0 / math.sqrt(3 * d))
 
     # ---- parameter groups ------------------------------------------------------------------
-    def graph_parameters(self) -> list[nn.Parameter]:
-        return list(self.gnn.parameters()) + list(self.discriminator.parameters())
+    def graph_parameters(self, discriminator: bool = True) -> list[nn.Parameter]:
+        """The graph side: the GCN (GAT) layers and, unless `discriminator=False`, DGI's W_D."""
+        return list(self.gnn.parameters()) + (list(self.discriminator.parameters()) if discriminator else [])
 
     def rec_parameters(self) -> list[nn.Parameter]:
         graph = {id(p) for p in self.graph_parameters()}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in graph]
 
+    # ---- the item table the recommender reads ---------------------------------------------
+    def set_graph(self, graph) -> None:
+        """Attach the global graph (a `GlobalGraph` over this catalogue) for the per-step
+        modes; `graph_mode="residual"` also needs it at inference, so `save` stores it."""
+        if graph is not None and graph.n_items != self.n_items:
+            raise ValueError(f"the graph covers {graph.n_items} items, the model {self.n_items}")
+        self.graph = graph
+        self._table_cache = None
+
+    @property
+    def graph_per_step(self) -> bool:
+        """True when a graph is attached and the mode trains it at every step."""
+        return self.graph is not None and self.config.graph_mode in ("joint", "residual")
+
+    def graph_output(self, h0: torch.Tensor) -> torch.Tensor:
+        """The graph encoder on node features h0 (N, d) -> (N, d): the GCN (or GAT) layers, or
+        for `residual_form="light"` the parameter-free mean of A_hat^l h0, l = 0..num_gcn_layers."""
+        cfg = self.config
+        if cfg.graph_mode == "residual" and cfg.residual_form == "light":
+            x, acc = h0, h0
+            for _ in range(cfg.num_gcn_layers):
+                x = ops.spmm(self.graph, x, norm=cfg.graph_norm, backend=self.backend)
+                acc = acc + x
+            return acc / (cfg.num_gcn_layers + 1)
+        return self.graph_encode(h0, self.graph)
+
+    def propagate(self) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(T (M+1, d) the item table for session items and candidates, H^0 = E[nodes] (N, d),
+        H = graph_output(H^0) (N, d)); H^0 and H are None when no graph is read per step."""
+        emb = self.item_emb.weight
+        if not self.graph_per_step:
+            return emb, None, None
+        nodes = self.graph.torch_tensors(emb.device)[4]
+        h0 = emb[nodes]
+        h = self.graph_output(h0)
+        if self.config.graph_mode == "joint":
+            return emb, h0, h  # the DGI term reads H; the recommender reads E itself
+        if self.config.residual_form == "light":
+            return emb.index_copy(0, nodes, h.to(emb.dtype)), h0, h  # T[nodes] = layer mean (incl. E)
+        return emb.index_add(0, nodes, h.to(emb.dtype)), h0, h  # T[nodes] = E[nodes] + GCN(E[nodes])
+
+    def item_table(self) -> torch.Tensor:
+        """The (M+1, d) table the recommender reads: E, or the propagated table of
+        `graph_mode="residual"`. Without autograd it is cached until a weight changes."""
+        if not (self.graph_per_step and self.config.graph_mode == "residual"):
+            return self.item_emb.weight
+        if torch.is_grad_enabled():
+            return self.propagate()[0]
+        key = (id(self.graph), str(self.item_emb.weight.device), *(p._version for p in self.parameters()))
+        if self._table_cache is None or self._table_cache[0] != key:
+            self._table_cache = (key, self.propagate()[0].detach())
+        return self._table_cache[1]
+
     # ---- intra-session encoder -------------------------------------------------------------
-    def encode(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Session representation q (B, d) before scoring. items (B, L), lengths (B,)."""
+    def encode(self, items: torch.Tensor, lengths: torch.Tensor, table: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Session representation q (B, d) before scoring. items (B, L), lengths (B,);
+        `table` (M+1, d): the item table to read (default `item_table()`)."""
         cfg = self.config
         b, L = items.shape
+        table = self.item_table() if table is None else table
         packing = Packing(lengths, L)
-        tokens = items.reshape(-1)[packing.index]  # (N,) valid clicks
+        tokens = items.reshape(-1)[packing.index]  # (N,) valid clicks, never the padding row
         if cfg.use_self_attention:
             pos = position_index(lengths, L).clamp_max(cfg.max_position).reshape(-1)[packing.index]
-            x = F.dropout(self.item_emb(tokens) + self.pos_emb(pos), self.dropout_p, self.training)  # X0 (N, d)
+            x = F.dropout(table[tokens] + self.pos_emb(pos), self.dropout_p, self.training)  # X0 (N, d)
             for blk in self.blocks:
                 x = blk(x, lengths, packing)  # (N, d)
         else:  # MTD-va / MTD-at: raw item embeddings
-            x = F.dropout(self.item_emb(tokens), self.dropout_p, self.training)
+            x = F.dropout(table[tokens], self.dropout_p, self.training)
         last = x[packing.last]  # x_t (B, d)
         h, hp = packing.unpack(x), packing.unpack(self.att_item(x))  # (B, L, d) each, zero padding
         x_s, p_s = ops.aggregate(h, hp, self.att_last(last), self.att_vec, lengths,
@@ -244,8 +324,27 @@ class MTD(SessionModel):
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.encode(batch["items"], batch["lengths"])
 
-    def score_parts(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.forward(batch), self.item_emb.weight[1:]  # q (B, d), tied item table (M, d)
+    def score_parts(self, batch: Batch, table: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, d) and the candidates (M, d), tied to the input table; with `score_norm` both are
+        unit rows and q carries the scale, so q @ cand.T = scale * cosine."""
+        table = self.item_table() if table is None else table
+        q, cand = self.encode(batch["items"], batch["lengths"], table), table[1:]
+        if self.config.score_norm:
+            q, cand = F.normalize(q, dim=-1) * self.score_scale, F.normalize(cand, dim=-1)
+        return q, cand
+
+    def multitask_loss(self, batch: Batch, targets: torch.Tensor,
+                       graph_weight: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Per-step loss of graph_mode "joint" / "residual": mean cross-entropy + graph_weight *
+        DGI BCE (mean over the 2N real and corrupted rows), one propagation shared by both.
+        Returns (loss, the DGI term or None)."""
+        table, h0, h = self.propagate()
+        q, cand = self.score_parts(batch, table)
+        rec = F.cross_entropy(q @ cand.t(), targets.long() - 1)
+        if h is None or graph_weight == 0:
+            return rec, None
+        dgi = self.dgi_bce(h, self.graph_output(h0[torch.randperm(h0.shape[0], device=h0.device)]))
+        return rec + graph_weight * dgi, dgi
 
     # ---- inter-session encoder -------------------------------------------------------------
     def graph_encode(self, h0: torch.Tensor, graph) -> torch.Tensor:
@@ -266,18 +365,26 @@ class MTD(SessionModel):
         if perm is None:
             perm = torch.randperm(h0.shape[0], device=h0.device)
         h = self.graph_encode(h0, graph)  # (N, d)
-        h_neg = self.graph_encode(h0[perm], graph)
+        return self.dgi_bce(h, self.graph_encode(h0[perm], graph)), h
+
+    def dgi_bce(self, h: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
+        """DGI discriminator loss: readout c = sigmoid(mean H), D(x) = c^T W_D x, mean BCE with
+        label 1 on the rows of H and 0 on the rows of the corrupted H~ (both (N, d))."""
         c = torch.sigmoid(h.mean(0))  # readout (d,)
         wc = self.discriminator.weight.t() @ c  # D(h) = c^T W_D h = h . (W_D^T c)
         logits = torch.cat([h @ wc, h_neg @ wc])
         labels = torch.cat([torch.ones(h.shape[0], device=h.device), torch.zeros(h.shape[0], device=h.device)])
-        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype)), h
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
     @torch.no_grad()
     def write_back(self, graph, h: torch.Tensor) -> None:
-        """E[nodes] = H (hard overwrite)."""
+        """E[nodes] = H (overwrite), or H rescaled row-wise to the norms of E[nodes] (rescaled)."""
         nodes = graph.torch_tensors(self.device)[4]
-        self.item_emb.weight[nodes] = h.to(self.item_emb.weight.dtype)
+        h = h.to(self.item_emb.weight.dtype)
+        if self.config.graph_mode == "rescaled":
+            old = self.item_emb.weight[nodes].norm(dim=1, keepdim=True)
+            h = h * (old / h.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        self.item_emb.weight[nodes] = h
 
     # ---- interpretation --------------------------------------------------------------------
     def explain(self, sessions):
