@@ -202,13 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output folder")
     pr.set_defaults(func=cmd_preprocess)
 
-    x = sub.add_parser("experiment", help="paper experiments (resumable): table2, ablation, sensitivity, interpret",
+    x = sub.add_parser("experiment", help="paper experiments (resumable): table2, ablation, sensitivity, interpret, "
+                                          "graph_modes",
                        description="Writes one JSON result file per (dataset, model, seed) under OUT/NAME/ and "
                                    "skips runs whose file is already there; merges every file there into "
                                    "OUT/NAME.md, OUT/NAME.json and PNG figures.")
-    x.add_argument("name", help="table2 | ablation | sensitivity | interpret")
+    x.add_argument("name", help="table2 | ablation | sensitivity | interpret | graph_modes")
     _add_data_flags(x)
-    x.add_argument("--models", nargs="+", default=None, help="table2 / ablation: the models to run (default: all)")
+    x.add_argument("--models", nargs="+", default=None, help="table2 / ablation: the models to run; graph_modes: the variants (default: all)")
     x.add_argument("--seeds", "--seed", dest="seeds", nargs="+", type=int, default=None,
                    help="training seeds (default: 0; ablation 0 1 2)")
     x.add_argument("--epochs", type=int, default=30,

@@ -3,7 +3,8 @@
 - `runner`: `RunSpec`, `run_all` (one JSON result file per dataset, label and seed; a
   finished run is never retrained), `load_results`, `merge_table` / `merge_json`.
 - one module per experiment: `table2` (Tables 2/3 and training curves), `ablation`
-  (Figure 3), `sensitivity` (Figure 4), `interpret` (Figure 5).
+  (Figure 3), `sensitivity` (Figure 4), `interpret` (Figure 5), `graph_modes` (the
+  graph-integration study behind MTD's default `graph_mode`).
 
 `run_experiment(name, **settings)` runs one of them; the CLI is a thin layer over it.
 """
@@ -24,6 +25,7 @@ EXPERIMENTS = {
     "ablation": "MTD against MTD-va, MTD-at, MTD-lo, MTD-ga (Figure 3)",
     "sensitivity": "hidden size, training frequency and GCN depth (Figure 4)",
     "interpret": "attention and aggregation weights, t-SNE of session representations (Figure 5)",
+    "graph_modes": "how the graph reaches the recommender: every graph_mode, cosine on/off, against MTD-lo",
 }
 
 
