@@ -122,6 +122,7 @@ class TrainConfig:
     lr: float = 1e-3
     lr_decay_epochs: int = 30  # multiply lr by lr_decay after this many recommendation epochs
     lr_decay: float = 0.1
+    warmup_steps: int = 0  # linear lr warm-up over the first steps of training (0: none)
     l2: float = 1e-6
     dropout: float = 0.3
     patience: int = 3  # recommendation epochs without a better validation P@20 before stopping
@@ -143,6 +144,8 @@ class TrainConfig:
         _check(_is_int(self.lr_decay_epochs) and self.lr_decay_epochs >= 1, "lr_decay_epochs",
                self.lr_decay_epochs, "an int >= 1")
         _check(_is_num(self.lr_decay) and 0 < self.lr_decay <= 1, "lr_decay", self.lr_decay, "a number in (0, 1]")
+        _check(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", self.warmup_steps,
+               "an int >= 0")
         _check(_is_num(self.l2) and self.l2 >= 0, "l2", self.l2, "a number >= 0")
         _check(_is_num(self.dropout) and 0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
         _check(_is_int(self.patience) and self.patience >= 1, "patience", self.patience, "an int >= 1")

@@ -123,6 +123,11 @@ def evaluate(model: SessionModel, dataset: Dataset, split: str = "test", batch_s
     return evaluate_samples(model, dataset.split(split), batch_size)
 
 
+def epoch_lr(cfg: TrainConfig, r: int) -> float:
+    """The step-decayed lr of recommendation epoch r (0-based): lr * lr_decay^(r // lr_decay_epochs)."""
+    return cfg.lr * cfg.lr_decay ** (r // cfg.lr_decay_epochs)
+
+
 def _set_lr(opt: Optional[torch.optim.Optimizer], lr: float) -> None:
     if opt is not None:
         for group in opt.param_groups:
@@ -222,7 +227,12 @@ def _rec_epoch(net, samples: Samples, opt, params, cfg: TrainConfig, rng: np.ran
         batches = batches[:cfg.max_steps_per_epoch]
     total, n = 0.0, 0
     bar = _progress(batches, len(batches), f"epoch {epoch}", quiet)
-    for idx in bar:
+    for i, idx in enumerate(bar):
+        done = (epoch - 1) * len(batches) + i  # steps before this one (every epoch has len(batches) steps)
+        if done < cfg.warmup_steps:  # linear warm-up from lr / warmup_steps to the epoch's lr
+            lr = epoch_lr(cfg, epoch - 1) * (done + 1) / cfg.warmup_steps
+            _set_lr(opt, lr)
+            _set_lr(graph.opt if graph is not None else None, lr)
         try:
             value = train_step(net, samples, idx, opt, params, cfg.l2, graph=graph)
         except FloatingPointError as exc:
@@ -315,7 +325,7 @@ def _train(dataset: Dataset, model: str, epochs: int, seed: int, backend: Any, q
     history: list[dict[str, Any]] = []
     best, best_state, best_epoch, bad = None, None, None, 0
     for r in range(epochs):
-        lr = tcfg.lr * tcfg.lr_decay ** (r // tcfg.lr_decay_epochs)
+        lr = epoch_lr(tcfg, r)
         _set_lr(opt, lr)
         _set_lr(opt_g, lr)
         graph_loss, graph_s, graph_steps = None, 0.0, 0

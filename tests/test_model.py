@@ -198,3 +198,22 @@ def test_ablations_build_and_conflicts_raise():
                               batch_size=128).model.blocks) == 0
     with pytest.raises(ValueError, match="fixes graph_phases=0"):
         mtd_fast.train(ds, model="mtd-lo", graph_phases=2)
+
+
+def test_linear_warmup_then_step_decay(monkeypatch):
+    import sys
+
+    tr = sys.modules["mtd_fast.train"]
+    real_step, lrs = tr.train_step, []
+
+    def step(net, samples, idx, opt, *a, **k):
+        lrs.append(opt.param_groups[0]["lr"])
+        return real_step(net, samples, idx, opt, *a, **k)
+
+    monkeypatch.setattr(tr, "train_step", step)
+    mtd_fast.train(toy_dataset(), epochs=3, quiet=True, hidden_size=8, graph_phases=0, warmup_steps=3,
+                   lr_decay_epochs=2, patience=10, batch_size=64, max_steps_per_epoch=2, eval_test_each_epoch=False)
+    # steps 1-3 ramp to lr, the rest of epochs 1-2 at lr, epoch 3 decayed (warm-up spans epochs)
+    assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-4, 1e-4])
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        TrainConfig(warmup_steps=-1)
