@@ -171,10 +171,47 @@ def _aggregate_cases(quick: bool = False):
                         yield name, fn, sig, cx, ag._num_warps(bl, bd)
 
 
-def compile_all(arch: int = 90, which=("attention", "attention_tiled", "aggregate"), quick: bool = False) -> list[dict]:
+def _signature(fn, types: dict) -> dict:
+    """Triton signature of `fn`'s runtime arguments: `types` by name, i64 for strides;
+    the rest (constexprs) are filled in by compile_kernel."""
+    return {a: types.get(a, "i64" if a.startswith("stride") else None) for a in fn.arg_names
+            if a in types or a.startswith("stride")}
+
+
+def _lce_cases(quick: bool = False):
+    import torch
+    import triton
+
+    from . import linear_cross_entropy as lce
+
+    f32 = ("M_PART", "S_PART", "XT_PART", "LSE", "SCALE", "DT", "DQ_PART")
+    # (batch, M, dim): Diginetica at batch 512 (and its last, smaller batch), 1M items, odd dims
+    shapes = ((512, 43097, 100),) if quick else ((512, 43097, 100), (217, 43097, 100), (512, 1_000_000, 100),
+                                                 (512, 43097, 64), (64, 5000, 256), (3, 17, 8))
+    for dt in ("fp32", "bf16"):
+        tdt = getattr(torch, _DT[dt])
+        for b, m, d in shapes:
+            bb, bn, bdk, nch = lce._blocks(d, tdt)
+            n_tiles = triton.cdiv(m, bn)
+            for bwd in (False, True):
+                fn = lce._lce_bwd_kernel if bwd else lce._lce_fwd_kernel
+                sig = _signature(fn, {"Q": f"*{dt}", "T": f"*{dt}", "TGT": "*i64", "B": "i32", "M": "i32",
+                                      "D": "i32", **{a: "*fp32" for a in f32}})
+                tiles = lce._tiles(n_tiles, 1 if bwd else triton.cdiv(b, bb))
+                cx = {"BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_DK": bdk, "NUM_DCHUNKS": nch, "TILES": tiles,
+                      "DOT_PRECISION": os.environ.get("AOT_PREC", "ieee") if dt == "fp32" else "ieee"}
+                if bwd:
+                    cx.update({"ROW_BLOCKS": triton.cdiv(b, bb), "NEED_DQ": True, "NEED_DT": True})
+                name = f"lce_{'bwd' if bwd else 'fwd'} {dt} B={b} M={m} d={d}"
+                yield name, fn, sig, cx, lce._num_warps(bwd, tdt)
+
+
+def compile_all(arch: int = 90, which=("attention", "attention_tiled", "aggregate", "linear_cross_entropy"),
+                quick: bool = False) -> list[dict]:
     """Compile every specialisation of `which`; one row per case (errors are rows too)."""
     rows = []
-    gens = {"attention": _attention_cases, "attention_tiled": _attention_tiled_cases, "aggregate": _aggregate_cases}
+    gens = {"attention": _attention_cases, "attention_tiled": _attention_tiled_cases, "aggregate": _aggregate_cases,
+            "linear_cross_entropy": _lce_cases}
     for w in which:
         for name, fn, sig, cx, nw in gens[w](quick):
             try:
@@ -199,7 +236,8 @@ def _print_row(r: dict) -> None:
 
 
 def main(argv=None) -> int:
-    """python -m mtd_fast.kernels._aot [--quick] [--json PATH] [arch] [attention|attention_tiled|aggregate ...]"""
+    """python -m mtd_fast.kernels._aot [--quick] [--json PATH] [arch]
+    [attention|attention_tiled|aggregate|linear_cross_entropy ...]"""
     argv = list(sys.argv[1:] if argv is None else argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET to compile for a GPU target", file=sys.stderr)
@@ -212,7 +250,7 @@ def main(argv=None) -> int:
         json_path = argv[i + 1]
         del argv[i:i + 2]
     arch = int(argv.pop(0)) if argv and argv[0].isdigit() else 90
-    which = tuple(argv) or ("attention", "attention_tiled", "aggregate")
+    which = tuple(argv) or ("attention", "attention_tiled", "aggregate", "linear_cross_entropy")
     rows = compile_all(arch, which, quick)
     if json_path:
         with open(json_path, "w") as f:

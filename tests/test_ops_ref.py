@@ -97,7 +97,8 @@ def test_aggregate_gradcheck_with_learned_gamma():
 
 def test_available_backends_shape():
     avail = mtd_fast.available_backends()
-    assert set(avail) == {"session_attention", "aggregate", "spmm", "global_graph", "session_graphs"}
+    assert set(avail) == {"session_attention", "aggregate", "spmm", "global_graph", "session_graphs",
+                          "linear_cross_entropy"}
     for op, names in avail.items():
         assert names[-1] == "reference", (op, names)
 

@@ -42,6 +42,7 @@ import mtd_fast.ops as ops  # noqa: E402
 from mtd_fast.kernels.aggregate import AggregateFunction, aggregate_triton  # noqa: E402
 from mtd_fast.kernels.session_attention import (  # noqa: E402
     MAX_FUSED_LEN, SessionAttentionFunction, session_attention_triton, uses_fused_path)
+from mtd_fast.ops.linear_cross_entropy import linear_cross_entropy_ref  # noqa: E402
 from mtd_fast.ops.reference import aggregate_ref, session_attention_ref  # noqa: E402
 
 from _checks import assert_padded_rows_zero  # noqa: E402
@@ -421,6 +422,105 @@ def test_expanded_upstream_gradients():
         else:
             for name, x, y in zip(("dq", "dk", "dv", "dh", "dhp", "da", "dg"), got, [t.grad for t in ins]):
                 _close(name, x, y)
+
+
+# ------------------------------------------------------------------------------------------
+# linear cross-entropy (chunk-free full softmax over an item table)
+# ------------------------------------------------------------------------------------------
+def _lce_inputs(b, m, d, seed, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    q = (torch.randn(b, d, generator=gen) * scale).to(DEVICE)
+    t = (torch.randn(m, d, generator=gen) * scale).to(DEVICE)
+    y = torch.randint(0, m, (b,), generator=gen).to(DEVICE)
+    go = torch.tensor(0.7, device=DEVICE)  # an upstream gradient != 1
+    return q, t, y, go
+
+
+def _lce_run(fn, q, t, y, go, need=(True, True)):
+    qa, ta = q.detach().clone().requires_grad_(need[0]), t.detach().clone().requires_grad_(need[1])
+    loss = fn(qa, ta, y)
+    loss.backward(go)
+    return loss, qa.grad, ta.grad
+
+
+LCE_CASES = [
+    # (batch, M, dim, target programs): the last column forces several tiles per program
+    pytest.param(5, 37, 20, None, id="B5-M37-d20"),  # one tile, padded rows and columns
+    pytest.param(7, 130, 100, None, id="B7-M130-d100"),  # 3 tiles -> 3 splits / programs, 7 dim chunks
+    pytest.param(7, 130, 100, 1, id="B7-M130-d100-tiles4"),  # one program looping over 4 tiles
+    pytest.param(33, 70, 16, None, id="B33-M70-d16"),  # two row blocks
+    pytest.param(1, 17, 3, None, id="B1-M17-d3"),
+]
+
+
+@pytest.mark.parametrize("b,m,d,progs", LCE_CASES)
+def test_linear_cross_entropy_matches_reference(b, m, d, progs, monkeypatch):
+    from mtd_fast.kernels import linear_cross_entropy as lce
+
+    if progs is not None:
+        monkeypatch.setattr(lce, "_TARGET_PROGRAMS", progs)
+    q, t, y, go = _lce_inputs(b, m, d, seed=b + m + d)
+    got = _lce_run(lce.linear_cross_entropy_triton, q, t, y, go)
+    want = _lce_run(linear_cross_entropy_ref, q, t, y, go)
+    assert "LinearCrossEntropyFunction" in got[0].grad_fn.name()
+    for name, x, w in zip(("loss", "dq", "dT"), got, want):
+        _close(name, x, w)
+
+
+def test_linear_cross_entropy_partial_grads_and_fallback():
+    from mtd_fast.kernels.linear_cross_entropy import linear_cross_entropy_triton
+
+    q, t, y, go = _lce_inputs(5, 40, 8, seed=41)
+    for need in ((True, False), (False, True)):
+        got = _lce_run(linear_cross_entropy_triton, q, t, y, go, need)
+        want = _lce_run(linear_cross_entropy_ref, q, t, y, go, need)
+        for name, x, w, n in zip(("dq", "dT"), got[1:], want[1:], need):
+            if n:
+                _close(name, x, w)
+            else:
+                assert x is None
+    # float64 runs the chunked PyTorch path (tl.dot has no fp64 on every GPU)
+    q64, t64 = q.double().requires_grad_(), t.double()
+    out = linear_cross_entropy_triton(q64, t64, y)
+    assert "LinearCrossEntropyFunction" not in out.grad_fn.name()
+    torch.testing.assert_close(out, linear_cross_entropy_ref(q64, t64, y), atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="out of range"):
+        linear_cross_entropy_triton(q, t, torch.full_like(y, 40))
+
+
+def test_linear_cross_entropy_strict_dispatch():
+    q, t, y, go = _lce_inputs(3, 50, 16, seed=42)
+    q.requires_grad_(True)
+    assert ops.describe("linear_cross_entropy", {"linear_cross_entropy": "triton"}, q.device) == "triton"
+    out = ops.linear_cross_entropy(q, t, y, backend={"linear_cross_entropy": "triton"})
+    assert "LinearCrossEntropyFunction" in out.grad_fn.name()
+    _close("loss", out, linear_cross_entropy_ref(q, t, y))
+
+
+def test_mtd_loss_through_the_triton_kernel():
+    # the model's own path: MTD.loss -> score_parts -> ops.linear_cross_entropy -> the kernel
+    np = pytest.importorskip("numpy")
+    from mtd_fast import MTD, MTDConfig
+    from mtd_fast.data import Sessions
+
+    rng = np.random.default_rng(1)
+    seqs = [list(rng.integers(1, 41, size=n)) for n in [1, 3, 7, 2, 5]]
+    targets = torch.tensor(rng.integers(1, 41, size=len(seqs)), device=DEVICE)
+    results = []
+    for backend in ({"linear_cross_entropy": "triton"}, "reference"):
+        torch.manual_seed(0)
+        model = MTD(40, MTDConfig(hidden_size=16), dropout=0.3, backend=backend).to(DEVICE)
+        batch = model.batch_from_sessions(Sessions.from_lists(seqs), np.arange(len(seqs)))
+        torch.manual_seed(1)
+        loss = model.loss(batch, targets)
+        loss.backward()
+        results.append((loss.detach(), loss.grad_fn.name(),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l_t, fn_t, g_t), (l_r, fn_r, g_r) = results
+    assert "LinearCrossEntropyFunction" in fn_t and "LinearCrossEntropyFunction" not in fn_r
+    torch.testing.assert_close(l_t, l_r, atol=1e-5, rtol=1e-4)
+    for name in g_r:
+        torch.testing.assert_close(g_t[name], g_r[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.skipif(_CUDA, reason="on a GPU the real launches above already compile every kernel")

@@ -6,6 +6,7 @@ Backends (see `dispatch.py` for the selection rules):
 - spmm:              reference | cpp
 - global_graph:      reference | numba
 - session_graphs:    reference | numba
+- linear_cross_entropy: reference (eager) | chunked (CPU auto; CUDA) | triton (CUDA auto)
 """
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ import numpy as np
 import torch
 
 from .dispatch import OPS, BackendError, available_backends, describe, register, resolve, validate_spec
+from .linear_cross_entropy import check_inputs as _lce_check_inputs
+from .linear_cross_entropy import linear_cross_entropy_ref
 from .reference import aggregate_ref, session_attention_ref, spmm_ref
 
 __all__ = ["session_attention", "aggregate", "spmm", "global_graph", "session_graphs", "available_backends",
            "BackendError", "OPS", "session_attention_ref", "aggregate_ref", "spmm_ref", "describe",
-           "validate_spec"]
+           "validate_spec", "linear_cross_entropy", "linear_cross_entropy_ref"]
 
 
 def _triton_devices() -> tuple[str, ...]:
@@ -51,6 +54,12 @@ register("global_graph", "numba", "mtd_fast.graph.numba:global_graph_numba", ran
 register("session_graphs", "reference", "mtd_fast.graph.reference:session_graphs_ref", rank=100)
 register("session_graphs", "numba", "mtd_fast.graph.numba:session_graphs_numba", rank=0,
          auto_devices=("cpu", "cuda"))
+register("linear_cross_entropy", "reference", "mtd_fast.ops.linear_cross_entropy:linear_cross_entropy_ref", rank=100)
+# chunked beats eager on the CPU at every catalogue size measured (benches/bench_scoring.py)
+register("linear_cross_entropy", "chunked", "mtd_fast.ops.linear_cross_entropy:linear_cross_entropy_chunked",
+         rank=50, auto_devices=("cpu", "cuda"))
+register("linear_cross_entropy", "triton", "mtd_fast.kernels.linear_cross_entropy:linear_cross_entropy_triton",
+         rank=0, auto_devices=("cuda",), devices=_triton_devices, probe=_triton_usable)
 
 
 def _check_lengths(lengths: torch.Tensor, width: int, op: str) -> None:
@@ -108,3 +117,19 @@ def global_graph(sessions, n_items: int, directed: bool = False, weighted: bool 
 def session_graphs(items: np.ndarray, lengths: np.ndarray, backend=None):
     """Per-session SR-GNN graphs of a padded batch (`SessionGraphs`)."""
     return resolve("session_graphs", backend, "cpu")(np.asarray(items), np.asarray(lengths))
+
+
+def linear_cross_entropy(q: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor,
+                         chunk_size: Optional[int] = None, backend=None) -> torch.Tensor:
+    """Exactly `F.cross_entropy(q @ item_table.T, targets)` (the mean over the batch) without
+    the full (batch, M) logits.
+
+    q: (batch, dim); item_table: (M, dim), same dtype and device; targets: (batch,) integer
+    indices into the table's rows, 0..M-1 (the models pass item id - 1). `chunk_size`: the
+    most logits (rows x items) one chunk may hold; None: from a memory budget. Bad input
+    (out-of-range targets, empty batch, mismatched dtypes or devices, chunk_size <= 0)
+    raises naming the problem. See `mtd_fast.ops.linear_cross_entropy`.
+    """
+    _lce_check_inputs(q, item_table, targets, chunk_size)
+    fn = resolve("linear_cross_entropy", backend, q.device)
+    return fn(q, item_table, targets, chunk_size=chunk_size)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 __all__ = ["OPS", "BackendError", "register", "resolve", "available_backends", "BackendSpec", "describe"]
 
-OPS = ("session_attention", "aggregate", "spmm", "global_graph", "session_graphs")
+OPS = ("session_attention", "aggregate", "spmm", "global_graph", "session_graphs", "linear_cross_entropy")
 
 BackendSpec = Union[None, str, Mapping[str, str]]
 
