@@ -6,14 +6,36 @@ NaN never flatters either: a NaN item counts as ranked above the target, and a t
 whose own score is NaN gets the worst rank, M (a diverged model scores 0, not 100).
 P@K is the hit rate, MRR@K = 1/rank if rank <= K, NDCG@K = 1/log2(rank+1) if rank <= K;
 all reported x100.
+
+Models that score by a dot product (`score_parts`: queries q (B, d), table (M, d)) are
+ranked without a (batch, M) score matrix: `ranks_from_parts` and `topk_from_parts` walk
+the catalogue in chunks of columns and give the same integers as `ranks_from_scores` and
+`topk_from_scores` on `q @ table.T`, bit for bit, ties included: a chunk's `q @ T_c.T`
+holds exactly the bits of those columns of the full product (the GEMM's sum over d does
+not depend on how many columns are asked for; checked by tests/test_ranking.py for
+batches of 2 and more. One row is a matrix-vector product, whose bits already depend on
+how many threads split the catalogue: with 2 threads 1 of 43,097 scores differs in its
+last bit between the full product and its chunks, as it does between 1 and 2 threads).
+
+Top-k order (`topk_from_scores`, `recommend`): NaN items first (as `torch.topk` puts
+them), then score descending, ties by the smaller id, so position r of a recommendation
+is the item whose rank above is r + 1 (finite scores). `torch.topk` alone breaks ties
+arbitrarily (k = 1 over 50 equal scores returned id 34 on this CPU), so this order is
+new, but deterministic: the same for every chunk size and batch composition.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
-__all__ = ["KS", "METRIC_KEYS", "ranks_from_scores", "MetricAccumulator", "better"]
+__all__ = ["KS", "METRIC_KEYS", "ranks_from_scores", "ranks_from_parts", "topk_from_scores", "topk_from_parts",
+           "batch_ranks", "MetricAccumulator", "better", "RANK_BUDGET_BYTES"]
+
+# Score columns per chunk in ranking / top-k: this many bytes of fp32 scores per chunk
+# (batch 1024 -> 4,096 columns). Measured at 43k items, batch 1024, 2 threads: see
+# benches/bench_scoring.py (chunks of 8-16 MB ran the ranking pass fastest).
+RANK_BUDGET_BYTES = 16 << 20
 
 KS = (5, 10, 20)
 METRIC_KEYS = tuple(f"{m}@{k}" for m in ("P", "MRR", "NDCG") for k in KS)
@@ -28,6 +50,172 @@ def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     ids = torch.arange(scores.shape[1], device=scores.device)
     ties = ((scores == s_t) & (ids[None, :] < col[:, None])).sum(1)
     return (1 + greater + ties).clamp_max(scores.shape[1])
+
+
+def _chunk_cols(batch: int, n_items: int, chunk_size: Optional[int]) -> int:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int (score columns per chunk) or None")
+    cols = chunk_size if chunk_size is not None else RANK_BUDGET_BYTES // (4 * max(1, batch))
+    return max(1, min(n_items, cols))
+
+
+def _check_parts(q: torch.Tensor, table: torch.Tensor) -> None:
+    if q.dim() != 2 or table.dim() != 2 or q.shape[1] != table.shape[1]:
+        raise ValueError(f"q must be (batch, dim) and table (M, dim) with one dim, got {tuple(q.shape)} and "
+                         f"{tuple(table.shape)}")
+    if q.dtype != table.dtype or q.device != table.device:
+        raise ValueError(f"q and table must share dtype and device, got {q.dtype}/{q.device} and "
+                         f"{table.dtype}/{table.device}")
+    if table.shape[0] == 0:
+        raise ValueError("the table has no rows (M = 0)")
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise a == b, NaN equal to NaN."""
+    return (a == b) | (torch.isnan(a) & torch.isnan(b))
+
+
+def ranks_from_parts(q: torch.Tensor, table: torch.Tensor, targets: torch.Tensor,
+                     chunk_size: Optional[int] = None) -> torch.Tensor:
+    """`ranks_from_scores(q @ table.T, targets)` without the (batch, M) scores.
+
+    q (batch, dim), table (M, dim), targets (batch,) ids in 1..M; chunk_size: score columns
+    per chunk (None: from RANK_BUDGET_BYTES). Returns int64 ranks (batch,). One pass over the
+    catalogue; the target's own score is taken from a (batch x batch) product of the same
+    GEMM and checked against the pass's exact value when the pass reaches it; rows where
+    the two differ in any bit (none seen for batches >= 2) are counted again in a second
+    pass with the exact value.
+    """
+    _check_parts(q, table)
+    b, m = q.shape[0], table.shape[0]
+    col = (targets - 1).long()
+    if b == 0:
+        return torch.zeros(0, dtype=torch.long, device=q.device)
+    if q.device.type == "cpu" and (int(col.min()) < 0 or int(col.max()) >= m):
+        raise ValueError(f"targets must be item ids in 1..{m}, got {int(col.min()) + 1}..{int(col.max()) + 1}")
+    cols = _chunk_cols(b, m, chunk_size)
+    s_t = _target_scores(q, table, col)
+    exact = s_t.clone()
+    greater, ties = _count_pass(q, table, col, s_t, cols, exact)
+    redo = ~_same(exact, s_t)
+    if bool(redo.any()):
+        g2, t2 = _count_pass(q, table, col, exact, cols, None)
+        greater = torch.where(redo, g2, greater)
+        ties = torch.where(redo, t2, ties)
+    return (1 + greater + ties).clamp_max(m)
+
+
+def _count_pass(q, table, col, s_t, cols, exact_out):
+    """Per row: #(score > s_t or NaN), #(score == s_t and id < target). With `exact_out`,
+    also writes each target's score as the pass computes it."""
+    b, m = q.shape[0], table.shape[0]
+    buf = torch.empty((b, cols), dtype=q.dtype, device=q.device)
+    greater = torch.zeros(b, dtype=torch.long, device=q.device)
+    ties = torch.zeros(b, dtype=torch.long, device=q.device)
+    st = s_t[:, None]
+    for c0 in range(0, m, cols):
+        c1 = min(m, c0 + cols)
+        sc = torch.mm(q, table[c0:c1].t(), out=buf[:, :c1 - c0])
+        greater += (c1 - c0) - (sc <= st).sum(1)  # NaN scores are not <= anything: counted above
+        eq = sc == st
+        # ids below the target: the whole chunk for targets past it, a prefix where it straddles
+        ties += torch.where(col >= c1, eq.sum(1), 0)
+        inside = ((col >= c0) & (col < c1)).nonzero().squeeze(1)
+        if inside.numel():
+            rel = col[inside] - c0
+            ids = torch.arange(c1 - c0, device=q.device)
+            ties[inside] += (eq[inside] & (ids[None, :] < rel[:, None])).sum(1)
+            if exact_out is not None:
+                exact_out[inside] = sc[inside, rel]
+    return greater, ties
+
+
+def _target_scores(q: torch.Tensor, table: torch.Tensor, col: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """q_i . table[col_i] (batch,) as the diagonal of (rows x rows) GEMMs, blocks of at most
+    `block` rows (the last one overlapping the previous so it never shrinks to one row,
+    where a dot product would round differently from the GEMM)."""
+    b = q.shape[0]
+    out = torch.empty(b, dtype=q.dtype, device=q.device)
+    for r0 in range(0, b, block):
+        r0 = max(0, min(r0, b - block))
+        r1 = min(b, r0 + block)
+        out[r0:r1] = (q[r0:r1] @ table[col[r0:r1]].t()).diagonal()
+    return out
+
+
+def topk_from_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Column indices (batch, k) of the k best scores, best first: NaN first, then score
+    descending, ties by the smaller column (see the module docstring)."""
+    return _topk_sorted(scores, k, 0)[1]
+
+
+def topk_from_parts(q: torch.Tensor, table: torch.Tensor, k: int, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """`topk_from_scores(q @ table.T, k)` without the (batch, M) scores: a running top-k
+    merged across chunks of columns. Returns int64 column indices (batch, k)."""
+    _check_parts(q, table)
+    b, m = q.shape[0], table.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= m:
+        raise ValueError(f"k={k!r} must be an int in [1, M={m}]")
+    cols = max(_chunk_cols(b, m, chunk_size), min(k, m))
+    buf = torch.empty((b, cols), dtype=q.dtype, device=q.device)
+    best_v = best_i = None
+    for c0 in range(0, m, cols):
+        c1 = min(m, c0 + cols)
+        sc = torch.mm(q, table[c0:c1].t(), out=buf[:, :c1 - c0])
+        v, i = _topk_sorted(sc, k, c0)
+        if best_v is None:
+            best_v, best_i = v, i
+            continue
+        # every running id is smaller than every id of this chunk, so a stable sort of
+        # [running, chunk] keeps "smaller id first" among equal scores
+        v = torch.cat([best_v, v], 1)
+        i = torch.cat([best_i, i], 1)
+        v, order = torch.sort(v, dim=1, descending=True, stable=True)
+        best_v, best_i = v[:, :k], i.gather(1, order[:, :k])
+    return best_i
+
+
+def _topk_sorted(sc: torch.Tensor, k: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min(k, n) best of sc (batch, n), as (values, offset + column), in the top-k order."""
+    n = sc.shape[1]
+    kk = min(k, n)
+    if kk < n:
+        # k + 1 values: where the (k+1)-th equals the k-th, a tie crosses the cut and topk may
+        # have kept any of the tied columns; those rows are redone by the smaller-id rule
+        v, i = sc.topk(kk + 1, dim=1)
+        cross = _same(v[:, kk], v[:, kk - 1])
+        v, i = v[:, :kk], i[:, :kk]
+        if bool(cross.any()):
+            v, i = v.clone(), i.clone()
+            for r in cross.nonzero().flatten().tolist():
+                v[r], i[r] = _row_topk_ties(sc[r], v[r], kk)
+    else:
+        v, i = sc, torch.arange(n, device=sc.device).expand(sc.shape[0], n)
+    # order: column ascending, then a stable sort by value descending (NaN first)
+    i, o = torch.sort(i, dim=1)
+    v = v.gather(1, o)
+    v, o = torch.sort(v, dim=1, descending=True, stable=True)
+    return v, i.gather(1, o) + offset
+
+
+def _row_topk_ties(row: torch.Tensor, v: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of one row whose k-th value is tied beyond the cut: everything strictly
+    better than that value, then the tied columns with the smallest ids."""
+    thr = v[k - 1:k]
+    tied = _same(row, thr.expand_as(row))
+    better_cols = (~tied & ~(row <= thr) & ~torch.isnan(thr)).nonzero().flatten()  # strictly above thr (NaN above)
+    need = k - better_cols.numel()
+    cols = torch.cat([better_cols, tied.nonzero().flatten()[:need]])
+    return row[cols], cols
+
+
+def batch_ranks(model, batch, targets: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Ranks (batch,) of `targets` (ids 1..M) under `model` for one prepared batch: through
+    `score_parts` in chunks when the model has it, else on its full `scores`."""
+    if getattr(model, "has_score_parts", False):
+        q, table = model.score_parts(batch)
+        return ranks_from_parts(q, table, targets, chunk_size)
+    return ranks_from_scores(model.scores(batch), targets)
 
 
 class MetricAccumulator:

@@ -8,6 +8,12 @@ The trainer only talks to this interface:
   cross-entropy; `rec_parameters()`: what the recommendation optimizer trains and the
   L2 term covers;
 - non-neural models (`neural = False`) are fitted in one pass by `fit(dataset)`.
+
+Models whose scores are a dot product with an item table implement `score_parts(batch)`
+-> (q (B, d), table (M, d)) instead of `scores`. Then the loss runs through
+`mtd_fast.ops.linear_cross_entropy` and ranking / `recommend` through the chunked
+functions of `mtd_fast.metrics`: no (batch, M) logits are ever allocated (at 1M items
+they would be 2 GB per batch of 512, and their gradient as much again).
 """
 from __future__ import annotations
 
@@ -18,8 +24,10 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .. import ops
 from ..config import MTDConfig
 from ..data.store import DataError, Sessions, pad_batch
+from ..metrics import topk_from_parts, topk_from_scores
 
 __all__ = ["SessionModel", "Batch"]
 
@@ -63,6 +71,11 @@ class SessionModel(nn.Module):
 
     # ---- shared ---------------------------------------------------------------------------
     @property
+    def has_score_parts(self) -> bool:
+        """True when this model implements `score_parts` (its scores are q @ table.T)."""
+        return type(self).score_parts is not SessionModel.score_parts
+
+    @property
     def device(self) -> torch.device:
         return self._device_probe.device
 
@@ -75,7 +88,29 @@ class SessionModel(nn.Module):
         return {"items": torch.from_numpy(items).to(dev), "lengths": torch.from_numpy(lengths).to(dev)}
 
     def loss(self, batch: Batch, targets: torch.Tensor) -> torch.Tensor:
+        """Mean full-softmax cross-entropy of the targets (item ids 1..M) over the catalogue."""
+        targets = self._check_targets(targets)
+        if self.has_score_parts:
+            q, table = self.score_parts(batch)
+            return self.parts_loss(q, table, targets)
         return F.cross_entropy(self.scores(batch), targets.long() - 1)
+
+    def parts_loss(self, q: torch.Tensor, table: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of q @ table.T against targets (item ids 1..M), through
+        `ops.linear_cross_entropy` (the model's backend spec; no (batch, M) logits on the
+        chunked and Triton backends)."""
+        return ops.linear_cross_entropy(q, table, targets.long() - 1, backend=self.backend)
+
+    def _check_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """Target ids must be items 1..M: 0 is the padding id. Checked on CPU tensors only
+        (on a GPU the op's asynchronous device assert catches them without a sync)."""
+        if targets.device.type == "cpu" and targets.numel():
+            lo, hi = int(targets.min()), int(targets.max())
+            if lo < 1 or hi > self.n_items:
+                bad = lo if lo < 1 else hi
+                raise DataError(f"target item id {bad} is not an item of this model (ids 1..{self.n_items})"
+                                + ("; 0 is the padding id, never a target" if bad == 0 else ""))
+        return targets
 
     def rec_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -87,6 +122,15 @@ class SessionModel(nn.Module):
     def batch_from_sessions(self, seqs: Sessions, index: np.ndarray) -> Batch:
         items, lengths = pad_batch(seqs, index, self.max_len)
         return self.prepare_batch(items, lengths)
+
+    def _topk(self, batch: Batch, k: int) -> torch.Tensor:
+        """Columns (B, k) of the k best items, best first (NaN first, then score descending,
+        ties by the smaller id: `mtd_fast.metrics.topk_from_scores`); a running top-k over
+        chunks of the catalogue for models with `score_parts`."""
+        if self.has_score_parts:
+            q, table = self.score_parts(batch)
+            return topk_from_parts(q, table, k)
+        return topk_from_scores(self.scores(batch), k)
 
     @torch.no_grad()
     def recommend(self, sessions: Sequence[Sequence[int]], k: int = 20, batch_size: int = 1024) -> torch.Tensor:
@@ -112,8 +156,7 @@ class SessionModel(nn.Module):
         try:
             for start in range(0, len(packed), batch_size):
                 idx = np.arange(start, min(start + batch_size, len(packed)))
-                sc = self.scores(self.batch_from_sessions(packed, idx))
-                out.append(sc.topk(k, dim=1).indices + 1)
+                out.append(self._topk(self.batch_from_sessions(packed, idx), k) + 1)
         finally:
             self.train(was_training)
         return torch.cat(out).cpu().long() if out else torch.zeros((0, k), dtype=torch.long)

@@ -140,6 +140,6 @@ class CoSAN(SessionModel):
             self.neighbors.write(z)  # after the read: a sample never retrieves itself
         return z
 
-    def scores(self, batch: Batch) -> torch.Tensor:
+    def score_parts(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         z = F.dropout(self.forward(batch), self.dropout_p, self.training)
-        return z @ self.item_emb.weight[1:].t()  # (B, M)
+        return z, self.item_emb.weight[1:]  # z (B, d), item table (M, d): scores z E[1:]^T

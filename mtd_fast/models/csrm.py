@@ -208,6 +208,6 @@ class CSRM(SessionModel):
         f = torch.sigmoid(self.gate(torch.cat([c_l, r, c_g], dim=-1)))  # (B, 1)
         return f * torch.cat([c_l, c_g], dim=-1) + (1 - f) * torch.cat([r, r], dim=-1)
 
-    def scores(self, batch: Batch) -> torch.Tensor:
+    def score_parts(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         c = F.dropout(self.forward(batch), self.dropout_p, self.training)
-        return self.decoder(c) @ self.item_emb.weight[1:].t()  # (B, M) = E B c
+        return self.decoder(c), self.item_emb.weight[1:]  # q = B c (B, d), item table (M, d): scores E B c

@@ -15,6 +15,8 @@ Deliberate deviations (all so that every model shares one pipeline):
   with full-softmax cross-entropy, not with session-parallel mini-batches and the
   sampled TOP1 / BPR ranking losses of the paper (cross-entropy is one of the losses of
   the authors' later version, Hidasi & Karatzoglou, CIKM 2018);
+- the output layer's scores `h W^T + b` are computed as `[h, 1] . [W | b]` (`score_parts`),
+  so training and ranking share the chunked full-softmax path of the other models;
 - input: an item embedding of size `hidden_size` (the paper's optional embedding layer)
   instead of the 1-of-N input it found best; output: separate per-item weights and bias
   (as in the paper), not tied to the input embedding;
@@ -110,5 +112,10 @@ class GRU4Rec(SessionModel):
         h = run_gru(self.gru, x, batch)  # (B, d)
         return F.dropout(h, self.dropout_p, self.training)
 
-    def scores(self, batch: Batch) -> torch.Tensor:
-        return self.output(self.forward(batch))  # (B, M)
+    def score_parts(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output layer h W^T + b as one dot product: q = [h, 1] (B, d+1) against the
+        table [W | b] (M, d+1), so the loss and ranking run chunked like the tied models.
+        The concatenated table is a copy per call (17 MB at Diginetica's 43k items)."""
+        h = self.forward(batch)  # (B, d)
+        q = torch.cat([h, h.new_ones(h.shape[0], 1)], 1)
+        return q, torch.cat([self.output.weight, self.output.bias[:, None]], 1)

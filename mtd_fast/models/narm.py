@@ -86,5 +86,5 @@ class NARM(SessionModel):
         c = F.dropout(torch.cat([c_g, c_l], dim=-1), self.dropout_p, self.training)  # (B, 2d)
         return self.bilinear(c)
 
-    def scores(self, batch: Batch) -> torch.Tensor:
-        return self.forward(batch) @ self.item_emb.weight[1:].t()  # (B, M)
+    def score_parts(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward(batch), self.item_emb.weight[1:]  # q (B, d), item table (M, d): scores q @ E[1:]^T

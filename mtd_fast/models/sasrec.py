@@ -134,5 +134,5 @@ class SASRec(SessionModel):
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.encode(batch["items"], batch["lengths"])
 
-    def scores(self, batch: Batch) -> torch.Tensor:
-        return self.forward(batch) @ self.item_emb.weight[1:].t()  # (B, M), shared item table
+    def score_parts(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward(batch), self.item_emb.weight[1:]  # q (B, d), the shared item table (M, d)

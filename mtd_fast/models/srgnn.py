@@ -144,5 +144,5 @@ class SRGNN(SessionModel):
         s_g = ((alpha * valid).unsqueeze(-1) * s).sum(1)  # (B, d)
         return self.w3(torch.cat([last, s_g], dim=-1))
 
-    def scores(self, batch: Batch) -> torch.Tensor:
-        return self.forward(batch) @ self.item_emb.weight[1:].t()  # (B, M)
+    def score_parts(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward(batch), self.item_emb.weight[1:]  # s_h (B, d), item table (M, d): z = s_h E[1:]^T

@@ -89,5 +89,5 @@ class STAMP(SessionModel):
         h_t = torch.tanh(self.mlp_t(x_t))
         return h_s * h_t
 
-    def scores(self, batch: Batch) -> torch.Tensor:
-        return self.forward(batch) @ self.item_emb.weight[1:].t()  # (B, M)
+    def score_parts(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward(batch), self.item_emb.weight[1:]  # q (B, d), item table (M, d): scores q @ E[1:]^T

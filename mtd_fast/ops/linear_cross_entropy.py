@@ -25,11 +25,11 @@ Backends (registered in `mtd_fast.ops`):
 - `mtd_fast.kernels.linear_cross_entropy.linear_cross_entropy_triton` (CUDA).
 
 Which strategy (measured on the 2-core Xeon dev VM, 1 thread, CPU time of forward +
-backward, batch 512, d = 100; `python benches/bench_scoring.py`): at 43k items "rows"
-(64-row chunks) 143-152 ms, "items" (4,096-item chunks) 148-177 ms, eager 303 ms; at
-200k items rows 966 ms, items 912 ms; at 1M items rows 4.7 s, items 3.9 s. The table
-(M x d fp32) stops fitting the caches and "rows" re-reads it per row chunk, so `auto`
-uses "rows" up to `ROWS_MAX_ITEMS` items and "items" above.
+backward, batch 512, d = 100, min of 4-7 interleaved runs): at 43k items "rows" 120-135 ms,
+"items" 146-148 ms, eager 287 ms; at 65,536 items rows 306-330 ms, items 305 ms; at 100k
+rows 455 ms, items 371 ms; at 200k rows 966 ms, items 912 ms; at 1M rows 4.7 s, items
+3.9 s. As the table (M x d fp32) outgrows the caches, "rows" pays for re-reading it per
+row chunk, so `auto` uses "rows" up to `ROWS_MAX_ITEMS` items and "items" above.
 
 `chunk_size` bounds the working buffer: at most `chunk_size` logits (rows x items) exist
 at once (at least one full row or one full item column). When it is None it comes from
@@ -52,8 +52,8 @@ __all__ = ["linear_cross_entropy_ref", "linear_cross_entropy_chunked", "check_in
 # chunks (8 MB) 148 ms, 16,384 (32 MB) 190 ms: a chunk that stays in the 2 MB L2 / shared
 # L3 beats a bigger GEMM. 12 MB gives 73 rows at 43k items and 6,144 columns at batch 512.
 CHUNK_BUDGET_BYTES = 12 << 20
-# "rows" up to this catalogue size, "items" above (see the module docstring).
-ROWS_MAX_ITEMS = 100_000
+# "rows" up to this catalogue size, "items" above: the measured crossover (module docstring)
+ROWS_MAX_ITEMS = 65_536
 # below this many rows per chunk the row GEMMs lose their efficiency (32-row chunks:
 # 1.6x the time of 64-row chunks at 43k items); use item chunks instead
 MIN_ROWS = 16
