@@ -340,7 +340,7 @@ class MTD(SessionModel):
         Returns (loss, the DGI term or None)."""
         table, h0, h = self.propagate()
         q, cand = self.score_parts(batch, table)
-        rec = F.cross_entropy(q @ cand.t(), targets.long() - 1)
+        rec = self.parts_loss(q, cand, self._check_targets(targets))
         if h is None or graph_weight == 0:
             return rec, None
         dgi = self.dgi_bce(h, self.graph_output(h0[torch.randperm(h0.shape[0], device=h0.device)]))
