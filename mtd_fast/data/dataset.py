@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -16,7 +17,19 @@ import numpy as np
 from .pickle_io import read_samples, read_sessions, safe_load_pickle
 from .store import DataError, Samples, Sessions, expand_samples
 
-__all__ = ["Dataset", "load_dataset", "DATASETS"]
+__all__ = ["Dataset", "load_dataset", "DATASETS", "DataWarning"]
+
+
+class DataWarning(UserWarning):
+    """Loaded data that is valid but probably not what the user expects (filterable)."""
+
+
+# A catalogue whose largest id implies more than SPARSE_RATIO x the distinct items (and at least
+# SPARSE_MIN_WASTE unused rows) is refused by `train` before the model is allocated: one stray id
+# of 1,000,000 among 300 sessions allocated a 1M-row model and ran out of memory 48 s later. The
+# floor keeps legitimate gaps (fraction=, yoochoose1_64's unseen test items: ~20k rows) allowed.
+SPARSE_RATIO = 10
+SPARSE_MIN_WASTE = 100_000
 
 # name -> (sub-folder under $MTD_FAST_DATA, min prefix length of the sample rule, rec_frequency f)
 DATASETS: dict[str, tuple[str, int, int]] = {
@@ -70,6 +83,8 @@ class Dataset:
         elif seen > n_items:
             raise DataError(f"dataset {name!r}: item id {seen} is out of range for n_items={n_items}")
         self.n_items = int(n_items)
+        self.original_ids: Optional[np.ndarray] = None  # set by compact(): new id -> original id ([0] = 0)
+        self._distinct: Optional[int] = None
         n = len(sessions)
         n_valid = int(math.floor(n * self.valid_fraction)) if n > 1 else 0
         self.train_sessions = sessions.slice(0, n - n_valid)
@@ -79,6 +94,76 @@ class Dataset:
         if len(self.train) == 0:
             raise DataError(f"dataset {name!r}: the training sessions yield no samples "
                             f"(every session is shorter than {self.min_prefix + 1} clicks)")
+        self._warn_unseen_test_items()
+
+    def _warn_unseen_test_items(self) -> None:
+        """Test targets never clicked in the training sessions cannot be learned; SR-GNN's
+        preprocessing (`mtd_fast.data.preprocess`) drops such items from the test set, but
+        files in the pickle layout may keep them (yoochoose1_64 does, by the standard split)."""
+        if len(self.test) == 0:
+            return
+        unseen = ~np.isin(self.test.targets, self.sessions.items)
+        k = int(unseen.sum())
+        if k:
+            items = np.unique(self.test.targets[unseen]).size
+            warnings.warn(f"dataset {self.name!r}: {k} of {len(self.test)} test samples ({100 * k / len(self.test):.1f}%) "
+                          f"have a target never clicked in the training sessions ({items} distinct items); they stay "
+                          "in the test set and count as misses for every model (SR-GNN's preprocessing, "
+                          "mtd_fast.data.preprocess, drops such items)", DataWarning, stacklevel=2)
+
+    @property
+    def distinct_items(self) -> int:
+        """How many different item ids the training sessions and test samples hold."""
+        if self._distinct is None:
+            self._distinct = int(self._all_ids().size)
+        return self._distinct
+
+    def _all_ids(self) -> np.ndarray:
+        parts = [self.sessions.items, self.test.prefixes.items, self.test.targets]
+        return np.unique(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]))
+
+    def check_catalogue(self) -> None:
+        """Refuse sparse ids before a model is allocated (`SPARSE_RATIO`): the model has one
+        row per id up to the largest, so ids must be (nearly) dense."""
+        d = self.distinct_items
+        if self.n_items > SPARSE_RATIO * d and self.n_items - d >= SPARSE_MIN_WASTE:
+            raise DataError(
+                f"dataset {self.name!r}: the largest item id is {self.n_items}, so a model needs {self.n_items:,} "
+                f"item rows, but only {d:,} distinct items occur ({self.n_items - d:,} rows would never be used). "
+                f"Load it with load_dataset(..., compact_ids=True) (CLI: --compact-ids), which renumbers the items "
+                f"1..{d} and keeps the mapping: recommend() then takes and returns the original ids")
+
+    def compact(self) -> "Dataset":
+        """This dataset with item ids renumbered 1..D (D distinct items, in increasing order of
+        the original id, so ties between items rank the same) and `original_ids` (new id ->
+        original id) kept; a model trained on it translates in `recommend`."""
+        ids = self._all_ids()
+        ts = self.test_sessions
+        if ts is not None and ts.items.size:  # full test sessions (stats only) may hold other items
+            ids = np.union1d(ids, ts.items.astype(np.int64))
+        ids = ids[ids > 0]
+
+        def remap(x: Sessions) -> Sessions:
+            return Sessions(x.offsets, (np.searchsorted(ids, x.items) + 1).astype(np.int32))
+
+        test = Samples(remap(self.test.prefixes), (np.searchsorted(ids, self.test.targets) + 1).astype(np.int32))
+        with warnings.catch_warnings():  # the unseen-test-items warning was given for the original ids
+            warnings.simplefilter("ignore", DataWarning)
+            out = Dataset(self.name, remap(self.sessions), test, n_items=int(ids.size), min_prefix=self.min_prefix,
+                          rec_frequency=self.rec_frequency, valid_fraction=self.valid_fraction,
+                          test_sessions=None if ts is None else remap(ts), source=self.source)
+        out.original_ids = np.concatenate([[0], ids]).astype(np.int64)
+        return out
+
+    def empty_valid_reason(self) -> str:
+        """Why the validation split holds no sample (for the trainer's warning)."""
+        n, vf = len(self.sessions), self.valid_fraction
+        if vf == 0:
+            return "valid_fraction=0"
+        if len(self.valid_sessions) == 0:
+            return (f"valid_fraction={vf:g} of {n} training sessions rounds down to 0 sessions")
+        return (f"the {len(self.valid_sessions)} validation sessions (the last {vf:.0%} of the training sessions) "
+                f"all have fewer than {self.min_prefix + 1} clicks, so the prefix rule yields no sample from them")
 
     def split(self, name: str) -> Samples:
         if name in ("valid", "validation"):
@@ -174,8 +259,21 @@ def load_dataset(name: Optional[str] = None, *, root: Optional[os.PathLike | str
 
     `fraction` keeps the most recent `ceil(fraction * n)` training sessions (item ids, M and
     the test set unchanged). Synthetic kwargs: `n_sessions=5000, n_items=500, seed=0`.
-    Every dataset accepts `valid_fraction=0.1`.
+    Every dataset accepts `valid_fraction=0.1` and `compact_ids=False`: True renumbers the
+    items that occur (after `fraction`) to 1..D and keeps the original ids in
+    `Dataset.original_ids`; a model trained on it takes and returns original ids in
+    `recommend`. Use it when ids are sparse (`train` refuses a catalogue that is mostly
+    unused rows, see `Dataset.check_catalogue`).
     """
+    compact_ids = kwargs.pop("compact_ids", False)
+    if not isinstance(compact_ids, bool):
+        raise DataError(f"compact_ids={compact_ids!r} must be True or False")
+    ds = _load_dataset(name, root, fraction, kwargs)
+    return ds.compact() if compact_ids else ds
+
+
+def _load_dataset(name: Optional[str], root: Optional[os.PathLike | str], fraction: float,
+                  kwargs: dict[str, Any]) -> Dataset:
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
         raise DataError(f"fraction={fraction!r} must be a number in (0, 1]")
     valid_fraction = kwargs.pop("valid_fraction", 0.1)

@@ -141,6 +141,11 @@ class SessionModel(nn.Module):
             sessions = sessions.tolist()  # equal-length sessions as a 2-D array
         if isinstance(sessions, (str, bytes)) or not isinstance(sessions, Sequence):
             raise TypeError("sessions must be a list of lists of item ids (or a 2-D array of equal-length sessions)")
+        original_ids = getattr(self, "original_ids", None)  # set when trained on load_dataset(compact_ids=True)
+        if original_ids is not None:
+            from ..data.ids import to_compact_ids, to_original_ids
+
+            sessions = to_compact_ids(original_ids, sessions)  # original ids in (and out, below)
         for i, s in enumerate(sessions):
             if isinstance(s, (str, bytes)) or not isinstance(s, (Sequence, np.ndarray)):
                 raise TypeError(f"sessions[{i}] must be a list of item ids, got {type(s).__name__}")
@@ -159,4 +164,5 @@ class SessionModel(nn.Module):
                 out.append(self._topk(self.batch_from_sessions(packed, idx), k) + 1)
         finally:
             self.train(was_training)
-        return torch.cat(out).cpu().long() if out else torch.zeros((0, k), dtype=torch.long)
+        top = torch.cat(out).cpu().long() if out else torch.zeros((0, k), dtype=torch.long)
+        return top if original_ids is None else to_original_ids(original_ids, top)
