@@ -15,6 +15,7 @@ from mtd_fast import MTD, MTDConfig
 from mtd_fast.config import ConfigError
 from mtd_fast.data import Dataset, Sessions, expand_samples
 from mtd_fast.graph import global_graph_ref
+from mtd_fast.serialization import state_digest
 
 MODES = ("overwrite", "rescaled", "joint", "residual")
 TINY = dict(hidden_size=8, batch_size=64, eval_test_each_epoch=False)
@@ -239,6 +240,8 @@ def test_load_refuses_a_broken_stored_graph(tmp_path):
     mtd_fast.save(res.model, path)
     payload = torch.load(path, weights_only=True)
     payload["graph"]["indptr"] = payload["graph"]["indptr"][:-1]
+    payload.pop("digest")
+    payload["digest"] = state_digest(payload)  # a consistent file whose graph is broken, not a corrupt one
     torch.save(payload, path)
     with pytest.raises(ValueError, match="stored item graph"):
         mtd_fast.load(path)
