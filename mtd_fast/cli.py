@@ -52,7 +52,7 @@ def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-def _add_data_flags(p: argparse.ArgumentParser) -> None:
+def _add_data_flags(p: argparse.ArgumentParser, compact_ids: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=None,
                    help="synthetic (default), diginetica, retailrocket, yoochoose1_64, yoochoose1_64_mtd")
@@ -62,22 +62,52 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-sessions", type=int, default=None, help="synthetic: number of sessions (5000)")
     g.add_argument("--n-items", type=int, default=None, help="synthetic: number of items (500)")
     g.add_argument("--data-seed", type=int, default=None, help="synthetic: generator seed (0)")
+    if compact_ids:
+        g.add_argument("--compact-ids", action="store_true",
+                       help="renumber the items that occur to 1..D (for sparse ids); models keep the mapping and "
+                            "recommend() takes and returns the original ids")
+
+
+_SYNTHETIC_FLAGS = (("n_sessions", "n_sessions"), ("n_items", "n_items"), ("data_seed", "seed"))
 
 
 def _synthetic_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The synthetic generator's options from --n-sessions / --n-items / --data-seed."""
+    """The synthetic generator's options from --n-sessions / --n-items / --data-seed; an error
+    when they are given for a dataset read from files (they would be ignored)."""
     kwargs = {}
-    if args.dataset in (None, "synthetic") and args.data_dir is None:
-        for flag, key in (("n_sessions", "n_sessions"), ("n_items", "n_items"), ("data_seed", "seed")):
-            if getattr(args, flag) is not None:
-                kwargs[key] = getattr(args, flag)
+    synthetic = args.dataset in (None, "synthetic") and args.data_dir is None
+    for flag, key in _SYNTHETIC_FLAGS:
+        if getattr(args, flag) is not None:
+            if not synthetic:
+                from .config import ConfigError
+
+                what = args.dataset if args.dataset is not None else f"the folder {args.data_dir}"
+                raise ConfigError(f"--{flag.replace('_', '-')} applies to the synthetic dataset only; this command "
+                                  f"reads {what}, whose files fix it")
+            kwargs[key] = getattr(args, flag)
     return kwargs
 
 
 def _load(args: argparse.Namespace):
     from .data import load_dataset
 
-    return load_dataset(args.dataset, root=args.data_dir, fraction=args.fraction, **_synthetic_kwargs(args))
+    extra = {"compact_ids": True} if getattr(args, "compact_ids", False) else {}
+    return load_dataset(args.dataset, root=args.data_dir, fraction=args.fraction, **_synthetic_kwargs(args), **extra)
+
+
+def _check_output_file(flag: str, path: Optional[str]) -> None:
+    """Before any training: the file's folder exists and is writable, the path is not a folder
+    (else a finished run would be lost at the very end)."""
+    if path is None:
+        return
+    p = Path(path)
+    folder = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder, not a file name")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: the folder {folder} does not exist (create it first)")
+    if not os.access(folder, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise PermissionError(f"{flag} {path}: not writable")
 
 
 def _fmt_table(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
@@ -101,9 +131,42 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     import mtd_fast
 
-    ds = _load(args)
-    result = mtd_fast.train(ds, model=args.model, epochs=args.epochs, seed=args.seed, backend=args.backend,
-                            quiet=args.quiet, **_config_overrides(args))
+    from . import rundir
+    from .distributed import Dist, init_from_env
+    from .experiments.runner import cli_command
+
+    if args.resume and args.run_dir is None:
+        raise ValueError("--resume needs --run-dir: the run directory to continue")
+    overrides = _config_overrides(args)
+    launched = init_from_env(overrides.get("device", "cpu"), args.dist_timeout)  # under torchrun
+    try:
+        dist = Dist()
+
+        def preflight() -> None:  # every output checked before data loading and training
+            _check_output_file("--save", args.save)
+            _check_output_file("--json", args.json)
+            if args.run_dir is not None:
+                rundir.RunDir.check(args.run_dir, args.resume)
+
+        dist.on_main(preflight)
+        rundir.CLI_COMMAND = cli_command(args.argv)
+        ds = _load(args)
+        result = mtd_fast.train(ds, model=args.model, epochs=args.epochs, seed=args.seed, backend=args.backend,
+                                quiet=args.quiet, run_dir=args.run_dir, resume=args.resume, **overrides)
+        if dist.main:
+            _report_train(args, ds, result)
+    finally:
+        rundir.CLI_COMMAND = None
+        if launched:
+            import torch.distributed as td
+
+            td.destroy_process_group()
+    return 0
+
+
+def _report_train(args: argparse.Namespace, ds, result) -> None:
+    import mtd_fast
+
     print(f"\n{args.model} on {ds.name}: best validation epoch {result.best_epoch}")
     print(_metrics_table(result.metrics))
     if args.save:
@@ -116,7 +179,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                "model_config": dataclasses.asdict(result.model_config),
                                                "train_config": dataclasses.asdict(result.train_config)},
                                               indent=2, default=str))
-    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -165,35 +227,46 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mtd-fast", description="Fast MTD session-based recommendation")
+    # allow_abbrev=False everywhere: `--epoch 3` must not silently mean `--epochs 3`
+    p = argparse.ArgumentParser(prog="mtd-fast", description="Fast MTD session-based recommendation",
+                                allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model and print test metrics (validation-picked epoch)")
+    def add_parser(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, allow_abbrev=False, **kw)
+
+    t = add_parser("train", help="train a model and print test metrics (validation-picked epoch)")
     _add_data_flags(t)
     t.add_argument("--model", default="mtd", help="mtd (default), an ablation (mtd-va, mtd-at, mtd-lo, mtd-ga) "
                                                    "or a baseline (pop, spop, itemknn, gru4rec, narm, stamp, "
                                                    "sasrec, srgnn, csrm, cosan)")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--backend", default="auto", help="auto | reference | cpp | numba | triton | ...")
-    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--backend", default=None,
+                   help="auto | reference | cpp | numba | triton | ... (default $MTD_FAST_BACKEND or auto)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
     t.add_argument("--save", default=None, help="write the trained model here")
     t.add_argument("--json", default=None, help="write metrics and history as JSON here")
+    t.add_argument("--run-dir", default=None,
+                   help="write configs, per-epoch JSON lines, curves and checkpoints here as training goes")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    t.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="under torchrun: seconds a process waits for the others before failing (600)")
     _add_config_flags(t)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="evaluate a saved model")
+    e = add_parser("evaluate", help="evaluate a saved model")
     e.add_argument("model_file")
     _add_data_flags(e)
     e.add_argument("--split", default="test", choices=["valid", "test"])
-    e.add_argument("--backend", default="auto")
+    e.add_argument("--backend", default=None, help="(default $MTD_FAST_BACKEND or auto)")
     e.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("stats", help="dataset statistics (the paper's Table 1)")
+    s = add_parser("stats", help="dataset statistics (the paper's Table 1)")
     _add_data_flags(s)
     s.set_defaults(func=cmd_stats)
 
-    pr = sub.add_parser("preprocess", help="raw click log -> SR-GNN pickle layout")
+    pr = add_parser("preprocess", help="raw click log -> SR-GNN pickle layout")
     pr.add_argument("input", help="raw file (Diginetica CSV, yoochoose-clicks.dat, GRU4Rec TSV, events.csv)")
     pr.add_argument("--format", default=None, help="diginetica | yoochoose | yoochoose_tsv | retailrocket (auto)")
     pr.add_argument("--fraction", type=float, default=1.0,
@@ -202,13 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output folder")
     pr.set_defaults(func=cmd_preprocess)
 
-    x = sub.add_parser("experiment", help="paper experiments (resumable): table2, ablation, sensitivity, interpret, "
+    x = add_parser("experiment", help="paper experiments (resumable): table2, ablation, sensitivity, interpret, "
                                           "graph_modes",
                        description="Writes one JSON result file per (dataset, model, seed) under OUT/NAME/ and "
                                    "skips runs whose file is already there; merges every file there into "
                                    "OUT/NAME.md, OUT/NAME.json and PNG figures.")
     x.add_argument("name", help="table2 | ablation | sensitivity | interpret | graph_modes")
-    _add_data_flags(x)
+    _add_data_flags(x, compact_ids=False)  # the experiment runner loads its own data
     x.add_argument("--models", nargs="+", default=None, help="table2 / ablation: the models to run; graph_modes: the variants (default: all)")
     x.add_argument("--seeds", "--seed", dest="seeds", nargs="+", type=int, default=None,
                    help="training seeds (default: 0; ablation 0 1 2)")
@@ -235,17 +308,35 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .config import ConfigError
     from .data.store import DataError
+    from .distributed import DistError
     from .ops.dispatch import BackendError
+
+    import warnings
+
+    import torch.distributed as td
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by experiments as the exact command
     try:
-        return args.func(args)
-    except (DataError, ConfigError, BackendError, FileNotFoundError, TypeError, ValueError) as exc:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return args.func(args)
+    except (DataError, ConfigError, BackendError, OSError, TypeError, ValueError, FloatingPointError) as exc:
         if os.environ.get("MTD_FAST_DEBUG"):
             raise
         print(f"mtd-fast: error: {exc}  (set MTD_FAST_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+    except (DistError, td.DistError) as exc:  # under torchrun: another process failed, was killed or timed out
+        if os.environ.get("MTD_FAST_DEBUG"):
+            raise
+        first = (str(exc).splitlines() or [""])[0]
+        print(f"mtd-fast: error: {first}  (set MTD_FAST_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 3
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as `mtd-fast: warning: ...` lines, without the source line under them."""
+    print(f"mtd-fast: warning: {message}", file=file or sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -135,6 +135,10 @@ class TrainConfig:
     max_steps_per_epoch: Optional[int] = None  # cap batches per epoch (quick runs, benches)
     num_threads: Optional[int] = None  # torch intra-op threads; None leaves torch's choice
     device: str = "cpu"
+    # torch's deterministic algorithms during the run: None = on for CPU runs (bit-identical at any
+    # thread count, no measured cost), off on CUDA; True = also on CUDA; False = left as the caller set
+    # them. README "Determinism" says what each backend guarantees.
+    deterministic: Optional[bool] = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size"):
@@ -163,6 +167,8 @@ class TrainConfig:
         _check(self.num_threads is None or (_is_int(self.num_threads) and self.num_threads >= 1), "num_threads",
                self.num_threads, "None or an int >= 1")
         _check(isinstance(self.eval_test_each_epoch, bool), "eval_test_each_epoch", self.eval_test_each_epoch, "a bool")
+        _check(self.deterministic is None or isinstance(self.deterministic, bool), "deterministic",
+               self.deterministic, "None, True or False")
         _check(isinstance(self.device, str) and self.device.split(":")[0] in ("cpu", "cuda"), "device", self.device,
                "'cpu', 'cuda' or 'cuda:N'")
 

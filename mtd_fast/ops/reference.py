@@ -95,6 +95,13 @@ def spmm_ref(indptr: torch.Tensor, indices: torch.Tensor, values: Optional[torch
     Gather / scale / index_add: differentiable in x (and in values) by plain autograd.
     `symmetric` (the stored matrix equals its transpose) is unused here; fast backends
     use it to skip building the transpose for backward.
+
+    Deterministic on the CPU at any thread count: every gather is `index_select`, whose
+    backward is `index_add_` (serial over the index on the CPU). Advanced indexing
+    (`x[cols]`) would be the same function, but its backward is `index_put_(accumulate=True)`,
+    which torch runs with unordered atomic float adds on > 1 thread, so two identical calls
+    gave gradients differing in the last bits (README "Determinism"). On CUDA `index_add_`
+    uses atomics unless `torch.use_deterministic_algorithms(True)` (`deterministic=True`).
     """
     n = indptr.numel() - 1
     counts = indptr[1:] - indptr[:-1]
@@ -104,10 +111,10 @@ def spmm_ref(indptr: torch.Tensor, indices: torch.Tensor, values: Optional[torch
     deg = degrees.to(x.dtype)
     if norm == "sym":
         inv = deg.rsqrt()
-        w = w * inv[rows] * inv[cols]
+        w = w * inv.index_select(0, rows) * inv.index_select(0, cols)
     elif norm == "mean":
-        w = w / deg[rows]
+        w = w / deg.index_select(0, rows)
     elif norm != "none":
         raise ValueError(f"unknown norm {norm!r}: use 'sym', 'mean' or 'none'")
     out = torch.zeros((n, x.shape[1]), dtype=x.dtype, device=x.device)
-    return out.index_add_(0, rows, w[:, None] * x[cols])
+    return out.index_add_(0, rows, w[:, None] * x.index_select(0, cols))

@@ -1,0 +1,167 @@
+"""Exact resume: a run killed with SIGKILL at any point and resumed ends bit for bit where the
+uninterrupted run ends (metrics, history without its timings, every weight); and the run
+directory's files, refusals and fallbacks.
+
+Each run is its own process (`_run_driver.py`): the kill is a real SIGKILL at a chosen call
+of the trainer's step functions, and two processes agreeing is the determinism promise too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+DRIVER = Path(__file__).with_name("_run_driver.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(out: Path, *args: str, expect_kill: bool = False, threads: int = 1) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, str(DRIVER), str(out), "--threads", str(threads), *args],
+                       capture_output=True, text=True, timeout=300, env=ENV)
+    if expect_kill:
+        assert r.returncode == -9, (r.returncode, r.stderr[-2000:])
+    else:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert ja == jb  # metrics, history (losses, graph phases, every metric) and best epoch, exactly
+    wa, wb = torch.load(str(a) + ".pt"), torch.load(str(b) + ".pt")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted runs, one per graph-mode family, each also writing a run directory."""
+    d = tmp_path_factory.mktemp("ref")
+    out = {}
+    for mode in ("overwrite", "residual"):
+        out[mode] = d / f"{mode}.json"
+        run(out[mode], "--run-dir", str(d / f"run_{mode}"), "--option", f"graph_mode={mode}")
+    return out
+
+
+@pytest.mark.parametrize("mode,kill", [
+    ("overwrite", "train_step:9"),   # epoch 2, step 3 of 6
+    ("overwrite", "dgi_step:9"),     # graph phase 2, DGI step 3 of 6
+    ("residual", "train_step:10"),   # per-step graph side: both optimizers mid-epoch
+    ("overwrite", "replace:3"),      # while replacing checkpoint_last.pt (the temporary file is complete)
+])
+def test_killed_and_resumed_equals_uninterrupted(tmp_path, reference, mode, kill):
+    rd = tmp_path / "run"
+    opt = ["--option", f"graph_mode={mode}"]
+    run(tmp_path / "dead.json", "--run-dir", str(rd), "--kill", kill, *opt, expect_kill=True)
+    assert not (tmp_path / "dead.json").exists()
+    assert (rd / "checkpoint_last.pt").is_file()
+    run(tmp_path / "resumed.json", "--run-dir", str(rd), "--resume", *opt)
+    assert_same_run(reference[mode], tmp_path / "resumed.json")
+    lines = (rd / "epochs.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]  # no line twice, none missing
+    assert sorted(p.name for p in rd.iterdir()) == ["checkpoint_best.pt", "checkpoint_last.pt", "curves.png",
+                                                  "epochs.jsonl", "result.json", "run.json"]
+
+
+def test_corrupt_last_checkpoint_falls_back_to_best(tmp_path, reference):
+    rd = tmp_path / "run"
+    run(tmp_path / "dead.json", "--run-dir", str(rd), "--kill", "train_step:15", expect_kill=True)  # epoch 3
+    last = rd / "checkpoint_last.pt"
+    data = bytearray(last.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+    last.write_bytes(bytes(data))
+    r = run(tmp_path / "resumed.json", "--run-dir", str(rd), "--resume")
+    assert "checkpoint_last.pt" in r.stderr and "checksum mismatch" in r.stderr
+    assert "checkpoint_best.pt" in r.stderr
+    assert_same_run(reference["overwrite"], tmp_path / "resumed.json")
+
+
+def test_run_directory_contents(reference):
+    rd = reference["overwrite"].parent / "run_overwrite"
+    rec = json.loads((rd / "run.json").read_text())
+    assert rec["format"] == "mtd_fast.run" and rec["identity"]["model"] == "mtd"
+    ident = rec["identity"]
+    assert ident["train_config"]["batch_size"] == 64 and ident["model_config"]["hidden_size"] == 16
+    assert len(ident["dataset"]["content_sha256"]) == 64 and ident["dataset"]["n_items"] == 60
+    assert rec["command"] and rec["mtd_fast_version"] and rec["torch"] == torch.__version__
+    lines = [json.loads(x) for x in (rd / "epochs.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in lines] == [1, 2, 3]
+    assert all(h["graph_loss"] is not None and set(h["valid"]) >= {"P@20", "MRR@20"} for h in lines)
+    assert (rd / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads((rd / "result.json").read_text())
+    assert result["metrics"] == json.loads(reference["overwrite"].read_text())["metrics"]
+
+
+def test_resume_refusals(tmp_path, reference):
+    import mtd_fast
+    from mtd_fast.rundir import RunDirError
+
+    ds = mtd_fast.load_dataset("synthetic", n_sessions=400, n_items=60)
+    kw = dict(epochs=3, seed=0, quiet=True, hidden_size=16, graph_steps=6, batch_size=64, max_steps_per_epoch=6,
+              patience=5)
+    with pytest.raises(ValueError, match="resume=True needs run_dir"):
+        mtd_fast.train(ds, resume=True, **kw)
+    with pytest.raises(RunDirError, match="does not exist"):
+        mtd_fast.train(ds, run_dir=tmp_path / "none", resume=True, **kw)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunDirError, match="is empty: nothing to resume"):
+        mtd_fast.train(ds, run_dir=tmp_path / "empty", resume=True, **kw)
+    done = reference["overwrite"].parent / "run_overwrite"
+    with pytest.raises(RunDirError, match="already holds a run"):
+        mtd_fast.train(ds, run_dir=done, **kw)
+    with pytest.raises(RunDirError, match=r"train_config.lr: 0.001 in the run directory, 0.002 now"):
+        mtd_fast.train(ds, run_dir=done, resume=True, **{**kw, "lr": 2e-3})
+    other = mtd_fast.load_dataset("synthetic", n_sessions=400, n_items=60, seed=1)
+    with pytest.raises(RunDirError, match="dataset.content_sha256"):
+        mtd_fast.train(other, run_dir=done, resume=True, **kw)
+    with pytest.raises(RunDirError, match="^resume: .*model: 'mtd' in the run directory, 'mtd-lo' now"):
+        mtd_fast.train(ds, model="mtd-lo", run_dir=done, resume=True, **kw)
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    rec = json.loads((done / "run.json").read_text())
+    (newer / "run.json").write_text(json.dumps({**rec, "version": 99}))
+    with pytest.raises(RunDirError, match="newer mtd_fast .*version 99"):
+        mtd_fast.train(ds, run_dir=newer, resume=True, **kw)
+
+
+def test_finished_run_resumes_to_the_same_result(tmp_path, reference):
+    """Resuming a complete run trains nothing and returns its result again; more epochs extend it."""
+    import shutil
+
+    import mtd_fast
+
+    rd = tmp_path / "run"
+    shutil.copytree(reference["overwrite"].parent / "run_overwrite", rd)
+    ds = mtd_fast.load_dataset("synthetic", n_sessions=400, n_items=60)
+    kw = dict(seed=0, quiet=True, hidden_size=16, graph_steps=6, batch_size=64, max_steps_per_epoch=6, patience=5)
+    r = mtd_fast.train(ds, epochs=3, run_dir=rd, resume=True, **kw)
+    assert r.metrics == json.loads(reference["overwrite"].read_text())["metrics"]
+    longer = mtd_fast.train(ds, epochs=4, run_dir=rd, resume=True, **kw)
+    straight = mtd_fast.train(ds, epochs=4, **kw)
+    assert [h["train_loss"] for h in longer.history] == [h["train_loss"] for h in straight.history]
+    assert longer.metrics == straight.metrics
+
+
+def test_checkpoint_that_does_not_fit(tmp_path):
+    """A checkpoint whose tensors do not fit the model is named, not a raw RuntimeError."""
+    import mtd_fast
+    from mtd_fast.rundir import RunDir
+
+    ds = mtd_fast.load_dataset("synthetic", n_sessions=400, n_items=60)
+    kw = dict(epochs=1, seed=0, quiet=True, hidden_size=16, graph_steps=2, batch_size=64, max_steps_per_epoch=2)
+    rd = tmp_path / "run"
+    mtd_fast.train(ds, run_dir=rd, **kw)
+    found = RunDir(rd).load_checkpoint()
+    state = found[0]
+    state["model"]["item_emb.weight"] = torch.zeros(7, 16)
+    RunDir(rd).save_checkpoint(state, best=True)
+    with pytest.raises(ValueError, match=r"item_emb.weight has shape \(7, 16\).*expects \(61, 16\)"):
+        mtd_fast.train(ds, run_dir=rd, resume=True, **{**kw, "epochs": 2})
