@@ -31,7 +31,8 @@ from mtd_fast.data.store import DataError, Sessions
 from mtd_fast.models import model_class
 from mtd_fast.ops import BackendError, linear_cross_entropy
 from mtd_fast.ops.linear_cross_entropy import (
-    CHUNK_BUDGET_BYTES, ROWS_MAX_ITEMS, linear_cross_entropy_chunked, linear_cross_entropy_ref, plan_chunks)
+    ITEMS_BUDGET_BYTES, ROWS_BUDGET_BYTES, ROWS_MAX_ITEMS, linear_cross_entropy_chunked, linear_cross_entropy_ref,
+    plan_chunks)
 from mtd_fast.train import build_model
 
 from _memcheck import largest_tensor
@@ -142,6 +143,21 @@ def test_large_logits_no_worse_than_eager():
 
 
 @pytest.mark.parametrize("strategy", ["rows", "items"])
+def test_bfloat16_rule(strategy):
+    # half precision: against the fp32 result, the chunked bf16 error is at most twice eager
+    # bf16's own (+1e-5): flash-attention's rule, as for the Triton kernels
+    q, t, y = _inputs(24, 300, 16, seed=12)
+    ref = _run(lambda a, c, yy: F.cross_entropy(a @ c.t(), yy), q, t, y)
+    eager = _run(lambda a, c, yy: F.cross_entropy(a @ c.t(), yy), q.bfloat16(), t.bfloat16(), y)
+    got = _run(lambda a, c, yy: linear_cross_entropy_chunked(a, c, yy, chunk_size=24 * 50, strategy=strategy),
+               q.bfloat16(), t.bfloat16(), y)
+    for name, x, e, r in zip(("loss", "dq", "dT"), got, eager, ref):
+        assert x.dtype == torch.bfloat16
+        err, err_eager = (x.float() - r).abs().max().item(), (e.float() - r).abs().max().item()
+        assert err <= 2 * err_eager + 1e-5, f"{strategy} {name}: {err:.3g} > 2 x eager bf16's {err_eager:.3g}"
+
+
+@pytest.mark.parametrize("strategy", ["rows", "items"])
 def test_no_batch_by_items_tensor(strategy):
     # batch 64 > dim 16, so (batch, M) is the largest legitimate size only eager reaches
     b, m, d = 64, 3000, 16
@@ -161,9 +177,9 @@ def test_plan_chunks_by_catalogue_size():
     assert plan_chunks(512, 1_000_000)[0] == "items"
     assert plan_chunks(512, ROWS_MAX_ITEMS + 1)[0] == "items"
     strategy, rows = plan_chunks(512, 43_097)
-    assert rows * 43_097 * 4 <= CHUNK_BUDGET_BYTES and rows >= 16
+    assert rows * 43_097 * 4 <= ROWS_BUDGET_BYTES and rows >= 16
     strategy, cols = plan_chunks(512, 1_000_000)
-    assert cols * 512 * 4 <= CHUNK_BUDGET_BYTES
+    assert cols * 512 * 4 <= ITEMS_BUDGET_BYTES
     assert plan_chunks(40, 100, chunk_size=2050) == ("rows", 20)  # at most chunk_size logits
     assert plan_chunks(10, 100, chunk_size=30, strategy="items") == ("items", 3)
     assert plan_chunks(10, 100, chunk_size=30)[0] == "items"  # too few rows fit: item chunks

@@ -83,6 +83,30 @@ def test_random_fp32_bit_for_bit(b):
         assert torch.equal(topk_from_parts(q, t, 20, chunk_size=cs), want_top), cs
 
 
+@pytest.mark.parametrize("k", [1, 5, 20, 50])
+def test_wide_chunks_with_ties_bit_for_bit(k):
+    # chunks wide enough for the top-k group prefilter (>= 64 (k + 1) columns), with scores
+    # full of exact ties and a few NaN items: group maxima tie at the cut in many rows
+    q, t, y = _tied_parts(9, 6000, 3, seed=k, nan_items=True)
+    scores = q @ t.t()
+    want_top = _brute_topk(scores, k)
+    assert torch.equal(topk_from_scores(scores, k), want_top)
+    for cs in (64 * (k + 1), 4000, None):
+        assert torch.equal(topk_from_parts(q, t, k, chunk_size=cs), want_top), cs
+    assert torch.equal(ranks_from_parts(q, t, y), ranks_from_scores(scores, y))
+
+
+def test_topk_of_integer_and_expanded_scores():
+    # pop-like scores: one row of counts expanded over the batch (stride 0), many ties;
+    # and the same as integers (no group prefilter there)
+    gen = torch.Generator().manual_seed(11)
+    counts = torch.randint(0, 5, (3000,), generator=gen).float()
+    scores = counts.unsqueeze(0).expand(4, -1)
+    want = _brute_topk(scores[:1], 25).expand(4, -1)
+    assert torch.equal(topk_from_scores(scores, 25), want)
+    assert torch.equal(topk_from_scores(scores.long(), 25), want)
+
+
 def test_recommendation_positions_are_ranks():
     q, t, _ = _tied_parts(6, 40, 3, seed=5)
     top = topk_from_parts(q, t, 40, chunk_size=7) + 1

@@ -523,6 +523,26 @@ def test_mtd_loss_through_the_triton_kernel():
         torch.testing.assert_close(g_t[name], g_r[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.skipif(not _INTERP, reason="on a GPU, run benches/gpu_check.py itself")
+def test_gpu_check_script_runs_in_smoke_mode(tmp_path):
+    # benches/gpu_check.py at tiny sizes on the CPU through the interpreter: the one-shot GPU
+    # script (strict backend dicts, the installed package) cannot rot between GPU sessions
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benches" / "gpu_check.py"
+    env = dict(os.environ, MTD_GPU_CHECK_SMOKE="1", TRITON_INTERPRET="1")
+    out = tmp_path / "gpu_check.json"
+    res = subprocess.run([sys.executable, str(script), str(out)], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["ok"] and data["meta"]["smoke"]
+    assert any(c["case"].startswith("linear_cross_entropy") for c in data["checks"])
+    assert {r["impl"] for r in data["lce_timings"]} == {"triton", "chunked", "reference"}
+    assert "triton_ms" in data["mtd_step"], data["mtd_step"]
+
+
 @pytest.mark.skipif(_CUDA, reason="on a GPU the real launches above already compile every kernel")
 def test_kernels_compile_for_sm90(tmp_path):
     # The interpreter cannot catch compile-time errors (loop-carried types, tl.dot shape rules,

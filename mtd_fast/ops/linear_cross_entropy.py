@@ -33,8 +33,10 @@ row chunk, so `auto` uses "rows" up to `ROWS_MAX_ITEMS` items and "items" above.
 
 `chunk_size` bounds the working buffer: at most `chunk_size` logits (rows x items) exist
 at once (at least one full row or one full item column). When it is None it comes from
-`CHUNK_BUDGET_BYTES`. Outside the buffer the extra memory is the gradients themselves
-(dq (batch, dim) and dT (M, dim), which autograd needs anyway) and O(batch) statistics.
+`ROWS_BUDGET_BYTES` / `ITEMS_BUDGET_BYTES`. Outside the buffer the extra memory is the
+gradients themselves (dq (batch, dim) and dT (M, dim), which autograd needs anyway) and
+O(batch) statistics. Half-precision inputs are supported (GEMMs in their dtype, softmax
+statistics in fp32); the models train in fp32.
 """
 from __future__ import annotations
 
@@ -45,17 +47,21 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["linear_cross_entropy_ref", "linear_cross_entropy_chunked", "check_inputs", "plan_chunks",
-           "CHUNK_BUDGET_BYTES", "ROWS_MAX_ITEMS"]
+           "ROWS_BUDGET_BYTES", "ITEMS_BUDGET_BYTES", "ROWS_MAX_ITEMS"]
 
-# Working buffer when chunk_size is None. Measured (43k items, 1 thread): 64-row chunks
-# (11 MB of fp32 logits) 143 ms, 128 rows (22 MB) 152 ms, 256 rows (44 MB) 191 ms; 4,096-item
-# chunks (8 MB) 148 ms, 16,384 (32 MB) 190 ms: a chunk that stays in the 2 MB L2 / shared
-# L3 beats a bigger GEMM. 12 MB gives 73 rows at 43k items and 6,144 columns at batch 512.
-CHUNK_BUDGET_BYTES = 12 << 20
+# Working buffer when chunk_size is None, per strategy. Measured at 43k items, batch 512,
+# min of 7-8 interleaved runs: rows, 1 thread CPU time: 32-row chunks 137 ms, 64 (11 MB of
+# fp32 logits) 120 ms, 129 (22 MB) 118 ms; 2 threads wall (OMP_WAIT_POLICY=PASSIVE): 64 rows
+# 157 ms, 128 rows 141 ms, 256 rows 166 ms (eager 303 ms). items, 1 thread: 2,048-4,096-item
+# chunks (4-8 MB) 146-148 ms; a 1-thread profile of the GEMMs and passes: 16,384-item chunks
+# (32 MB) 1.3x the time of 4,096.
+# A chunk that stays in the caches beats a bigger GEMM.
+ROWS_BUDGET_BYTES = 24 << 20  # 145 rows at 43k items
+ITEMS_BUDGET_BYTES = 8 << 20  # 4,096 items at batch 512
 # "rows" up to this catalogue size, "items" above: the measured crossover (module docstring)
 ROWS_MAX_ITEMS = 65_536
-# below this many rows per chunk the row GEMMs lose their efficiency (32-row chunks:
-# 1.6x the time of 64-row chunks at 43k items); use item chunks instead
+# fewer rows per chunk re-read the table more often (1 thread at 43k items: 32-row chunks
+# 137 ms, 64 rows 120 ms); when a given chunk_size leaves fewer than this, use item chunks
 MIN_ROWS = 16
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -117,16 +123,17 @@ def linear_cross_entropy_ref(q: torch.Tensor, item_table: torch.Tensor, targets:
 def plan_chunks(batch: int, n_items: int, chunk_size: Optional[int] = None, elem_bytes: int = 4,
                 strategy: Optional[str] = None) -> tuple[str, int]:
     """(strategy, rows per chunk for "rows" / items per chunk for "items")."""
-    budget = chunk_size if chunk_size is not None else max(1, CHUNK_BUDGET_BYTES // elem_bytes)
-    rows = max(1, min(batch, budget // n_items))
+    if strategy not in (None, "rows", "items"):
+        raise ValueError(f"unknown strategy {strategy!r}: use 'rows' or 'items'")
+    rows_budget = chunk_size if chunk_size is not None else max(1, ROWS_BUDGET_BYTES // elem_bytes)
+    rows = max(1, min(batch, rows_budget // n_items))
     if strategy is None:
         fits = rows >= min(MIN_ROWS, batch)
         strategy = "rows" if n_items <= ROWS_MAX_ITEMS and fits else "items"
     if strategy == "rows":
         return "rows", rows
-    if strategy == "items":
-        return "items", max(1, min(n_items, budget // batch))
-    raise ValueError(f"unknown strategy {strategy!r}: use 'rows' or 'items'")
+    items_budget = chunk_size if chunk_size is not None else max(1, ITEMS_BUDGET_BYTES // elem_bytes)
+    return "items", max(1, min(n_items, items_budget // batch))
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -280,7 +287,8 @@ def linear_cross_entropy_chunked(q: torch.Tensor, item_table: torch.Tensor, targ
     "items" or None (by catalogue size, see `plan_chunks`); tests and benches force it.
     """
     targets = targets.long()
-    strategy, n = plan_chunks(q.shape[0], item_table.shape[0], chunk_size, q.element_size(), strategy)
+    elem = torch.empty((), dtype=_work_dtype(q.dtype)).element_size()  # the buffer's dtype
+    strategy, n = plan_chunks(q.shape[0], item_table.shape[0], chunk_size, elem, strategy)
     if strategy == "rows":
         return _RowsFunction.apply(q, item_table, targets, n)
     return _ItemsFunction.apply(q, item_table, targets, n)
