@@ -103,7 +103,13 @@ def main() -> None:
             json.dump({"metrics": r.metrics, "history": history, "best_epoch": r.best_epoch}, fh)
         torch.save(r.model.state_dict(), args.out + ".pt")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        torch.distributed.barrier()  # no rank tears the group down while another still uses it
         torch.distributed.destroy_process_group()
+        # gloo processes aborted now and then in the interpreter's teardown, after their work
+        # (see mtd_fast.cli.main): leave without C++ static destructors
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
