@@ -14,11 +14,12 @@ step on these 2 shared cores) and every evaluated sample ranks all 1M items. 30,
 sessions is also about the fewest for which the 1M-id catalogue passes `train`'s sparse-id
 check (101,831 distinct items >= 1/10 of the ids; 25,000 sessions give 86,740).
 
-What runs: `mtd_fast.train(model="mtd", epochs=1)` with the defaults (a graph phase on the
-global item graph first, then one recommendation epoch through
-`ops.linear_cross_entropy`, then validation and test ranking through
-`metrics.ranks_from_parts`), `graph_steps` capped at 50 (a phase on a graph of this size
-takes seconds per DGI step; the cap is reported), the test set evaluated once at the end.
+What runs: `mtd_fast.train(model="mtd", epochs=1)` with the defaults (with the graph-phase
+modes a graph phase on the global item graph first, `graph_steps` capped at 50 and
+reported; then one recommendation epoch through `ops.linear_cross_entropy`, then
+validation and test ranking through `metrics.ranks_from_parts`), the test set evaluated
+once at the end. The JSON records the graph_mode (the committed run: "overwrite", the
+default when it ran).
 Printed and written: dataset statistics, seconds per phase, metrics, peak RSS (Linux
 `ru_maxrss` of this process) and the RSS after loading the data; plus what eager
 scoring would have needed: (512 x 1M) fp32 logits are 2 GB, 3 of them at its peak.
@@ -61,9 +62,13 @@ def run(items: int, sessions: int, graph_steps: int = 50, batch: int = 512, quie
     load_s = time.perf_counter() - t0
     stats = ds.stats()
     rss_data = rss_mb()
+    mode = mtd_fast.MTDConfig().graph_mode
+    # graph_steps bounds a graph phase; the per-step modes ("joint", "residual") have none
+    # and refuse the option
+    phase_kw = {"graph_steps": graph_steps} if mode not in ("joint", "residual") else {}
     t0 = time.perf_counter()
     result = mtd_fast.train(ds, model="mtd", epochs=1, seed=0, quiet=quiet, batch_size=batch,
-                            graph_steps=graph_steps, eval_test_each_epoch=False)
+                            eval_test_each_epoch=False, **phase_kw)
     total_s = time.perf_counter() - t0
     h = result.history[0]
     out = {
@@ -71,7 +76,8 @@ def run(items: int, sessions: int, graph_steps: int = 50, batch: int = 512, quie
                  "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                  "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])},
-        "items": items, "sessions": sessions, "batch": batch, "graph_steps_cap": graph_steps,
+        "items": items, "sessions": sessions, "batch": batch, "graph_mode": mode,
+        "graph_steps_cap": phase_kw.get("graph_steps"),
         "stats": {k: (float(v) if isinstance(v, float) else v) for k, v in stats.items()},
         "backends": result.backends,
         "seconds": {"load": load_s, "train_call_total": total_s, "graph_phase": h["graph_seconds"],
