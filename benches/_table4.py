@@ -173,7 +173,7 @@ def _grad_report(params) -> dict:
     return {"n_grads": len(grads), "n_params": len(list(params)), "grads_finite": finite, "grad_norm": norm}
 
 
-def checked_train_step(net, samples, idx: np.ndarray, opt, params, l2: float) -> dict:
+def checked_train_step(net, samples, idx: np.ndarray, opt, params, l2: float, graph=None) -> dict:
     """`train_step` with checks: a finite loss, every gradient finite, a nonzero gradient,
     finite parameters after the Adam step. Returns what it saw; "ok" says all held."""
     import torch
@@ -185,7 +185,7 @@ def checked_train_step(net, samples, idx: np.ndarray, opt, params, l2: float) ->
         rep["batch_width"] = int(batch["items"].shape[1]) if "items" in batch else None
 
     try:
-        value = train_step(net, samples, idx, opt, params, l2, on_grads=inspect)
+        value = train_step(net, samples, idx, opt, params, l2, on_grads=inspect, graph=graph)
     except FloatingPointError:
         value = float("nan")
     rep.update(loss=value, params_finite=bool(all(torch.isfinite(p).all() for p in params)),
@@ -466,6 +466,11 @@ class Report:
                          f"graph_steps = {s.get('graph_steps')}), measured once per dataset: phase 1, from the "
                          "initial weights, as at epoch 1. Amortised = phase seconds / f (one phase every f "
                          "recommendation epochs, for the first graph_phases x f epochs).")
+            if any(g.get("per_step") for g in self.graph.values()):
+                lines.append("With a per-step graph_mode (the default, residual) there are no phases: the GCN and "
+                             "the DGI term run inside every training step, so their cost is part of MTD's "
+                             "recommendation epoch above, the amortised phase cost is 0, and the DGI step timed "
+                             "here (two GCN passes + backward + Adam) is roughly what the graph side adds to a step.")
             lines.append("")
             rows = []
             for k in keys:

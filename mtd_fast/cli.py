@@ -225,7 +225,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiments.runner import cli_command
 
     dataset = args.dataset if args.dataset is not None or args.data_dir is not None else "synthetic"
-    options = {k: getattr(args, k) for k in ("hidden_sizes", "frequencies", "gcn_layers", "checkpoint",
+    options = {k: getattr(args, k) for k in ("hidden_sizes", "frequencies", "graph_weights", "gcn_layers", "checkpoint",
                                              "heatmap_sessions", "tsne_sessions", "tsne_classes")}
     result = run_experiment(args.name, dataset=dataset, root=args.data_dir, fraction=args.fraction,
                             dataset_kwargs=_synthetic_kwargs(args), models=args.models, seeds=args.seeds,
@@ -303,7 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--quiet", action="store_true", help="no progress bars")
     g = x.add_argument_group("sensitivity")
     g.add_argument("--hidden-sizes", nargs="+", type=int, default=None, help="(25 50 100 150 200)")
-    g.add_argument("--frequencies", nargs="+", type=int, default=None, help="rec_frequency f values (1 .. 8)")
+    g.add_argument("--frequencies", nargs="+", type=int, default=None,
+                   help="rec_frequency f values of the phase graph modes (1 .. 8)")
+    g.add_argument("--graph-weights", nargs="+", type=float, default=None,
+                   help="graph_weight lambda_g values of the per-step graph modes (0 0.1 0.3 1 3)")
     g.add_argument("--gcn-layers", nargs="+", type=int, default=None, help="num_gcn_layers values (1 .. 4)")
     g = x.add_argument_group("interpret")
     g.add_argument("--checkpoint", nargs="+", default=None, metavar="MODEL=PATH",

@@ -61,7 +61,7 @@ class MTDConfig:
     # with each row kept at its previous norm; "joint" L_rec + graph_weight * L_DGI at every
     # step, no write-back (the paper's equation); "residual" the table E + GCN(E) (or
     # LightGCN's layer mean) used for session items and candidates at every step.
-    graph_mode: str = "overwrite"
+    graph_mode: str = "residual"  # chosen on validation: README "Graph integration", benches/figures/graph_modes.md
     residual_form: str = "gcn"  # graph_mode="residual": "gcn" (E + GCN(E)) or "light" (mean of A^l E, l=0..L)
     score_norm: bool = False  # cosine scoring: score_scale * <q/|q|, e/|e|> (NISER), else a plain dot product
     score_scale: float = 12.0  # the scale of cosine scoring (its initial value when learned)

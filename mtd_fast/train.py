@@ -49,7 +49,8 @@ from .metrics import METRIC_KEYS, MetricAccumulator, better, ranks_from_scores  
 from .models import ablation_overrides, model_class
 from .models.base import SessionModel
 
-__all__ = ["train", "evaluate", "TrainResult", "build_model", "evaluate_samples", "train_step", "dgi_step"]
+__all__ = ["train", "evaluate", "TrainResult", "build_model", "evaluate_samples", "train_step", "dgi_step",
+           "graph_side", "GraphEveryStep", "epoch_lr"]
 
 log = logging.getLogger("mtd_fast")
 
@@ -291,15 +292,42 @@ def _graph_phase(net, graph, opt: torch.optim.Optimizer, cfg: TrainConfig, quiet
 @dataclass
 class GraphEveryStep:
     """The graph side of graph_mode "joint" / "residual", trained at every recommendation step:
-    its optimizer and parameters, the DGI weight lambda_g, and the DGI values seen."""
+    its optimizer and parameters, the DGI weight lambda_g, and the DGI values seen.
+
+    DGI's corruption permutation of step `step` comes from a generator seeded by (seed,
+    step), not from torch's global RNG: every DDP rank draws the same one (so the replicated
+    graph side gets the single-process gradient), and a resumed run draws what an
+    uninterrupted one would, whatever else consumed random numbers."""
 
     opt: torch.optim.Optimizer
     params: list
     weight: float
+    seed: int = 0
+    step: int = 0  # global training step, set by `_rec_epoch`
     dgi_values: list = field(default_factory=list)
 
     def mean_dgi(self) -> Optional[float]:
         return sum(self.dgi_values) / len(self.dgi_values) if self.dgi_values else None
+
+    def corruption(self, n: int, device) -> torch.Tensor:
+        """The (n,) row permutation of this step's corrupted graph."""
+        gen = torch.Generator().manual_seed((self.seed % 2**31) * 2**32 + self.step)
+        return torch.randperm(n, generator=gen).to(device)
+
+
+def graph_side(net, graph, cfg: TrainConfig,
+               seed: int = 0) -> tuple[Optional[torch.optim.Optimizer], Optional[GraphEveryStep]]:
+    """The graph side of training on `graph` (None: no graph): its Adam optimizer and, for the
+    per-step graph modes (joint, residual), the `GraphEveryStep` that `train_step` takes, with
+    the graph attached to `net`. The phase modes get (optimizer, None): `_graph_phase` uses it."""
+    if graph is None:
+        return None, None
+    if net.config.graph_mode in PHASE_MODES:
+        return torch.optim.Adam(net.graph_parameters(), lr=cfg.lr), None
+    net.set_graph(graph)
+    params = net.graph_parameters(discriminator=cfg.graph_weight > 0)  # W_D unused without the DGI term
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    return opt, GraphEveryStep(opt, params, cfg.graph_weight, seed=seed)
 
 
 def train_step(net, samples: Samples, idx: np.ndarray, opt, params, l2: float,
@@ -331,7 +359,8 @@ def train_step(net, samples: Samples, idx: np.ndarray, opt, params, l2: float,
         if graph is None:
             loss = net.loss(batch, targets)
         else:
-            loss, dgi = net.multitask_loss(batch, targets, graph.weight)
+            perm = graph.corruption(net.graph.num_nodes, net.device) if graph.weight > 0 else None
+            loss, dgi = net.multitask_loss(batch, targets, graph.weight, perm=perm)
             if dgi is not None:
                 dgi_value = float(dgi.detach())
             if l2:
@@ -374,6 +403,8 @@ def _rec_epoch(net, samples: Samples, opt, params, cfg: TrainConfig, rng: np.ran
             lr = epoch_lr(cfg, epoch - 1) * (done + 1) / cfg.warmup_steps
             _set_lr(opt, lr)
             _set_lr(graph.opt if graph is not None else None, lr)
+        if graph is not None:
+            graph.step = done
         try:
             value = train_step(net, samples, dist.shard(idx), opt, params, cfg.l2, graph=graph, dist=dist,
                                global_size=len(idx))
@@ -642,14 +673,7 @@ class _Run:
                      f"({graph_build_s:.2f}s, {used['global_graph']})")
         rec_params = net.rec_parameters()
         opt = torch.optim.Adam(rec_params, lr=tcfg.lr)
-        every_step, opt_g = None, None
-        if graph is not None and phases:
-            opt_g = torch.optim.Adam(net.graph_parameters(), lr=tcfg.lr)
-        elif graph is not None:  # joint / residual: the graph side trains at every step
-            net.set_graph(graph)
-            g_params = net.graph_parameters(discriminator=tcfg.graph_weight > 0)  # W_D unused without the DGI term
-            opt_g = torch.optim.Adam(g_params, lr=tcfg.lr)
-            every_step = GraphEveryStep(opt_g, g_params, tcfg.graph_weight)
+        opt_g, every_step = graph_side(net, graph, tcfg, seed=self.seed)
         rng = np.random.default_rng(self.seed)
         if resume_state is not None:
             self._restore(resume_state, net, opt, opt_g, rng)
@@ -685,8 +709,8 @@ class _Run:
                      "train_seconds": train_s, "eval_seconds": eval_s, "valid": valid, "test": test}
             self.history.append(entry)
             msg = (f"[{net.name}] epoch {r + 1}/{self.epochs}  loss {train_loss:.4f}  "
-                   + (f"graph {graph_loss:.4f} ({graph_steps} steps, {graph_s:.1f}s)  " if graph_loss is not None
-                      else "")
+                   + (f"graph {graph_loss:.4f} ({graph_steps} steps, {graph_s:.1f}s)  " if phases and graph_loss
+                      is not None else f"dgi {graph_loss:.4f} (every step)  " if graph_loss is not None else "")
                    + f"train {train_s:.1f}s")
             if valid is not None:
                 msg += f"  valid P@20 {valid['P@20']:.2f} MRR@20 {valid['MRR@20']:.2f}"

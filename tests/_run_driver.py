@@ -94,7 +94,7 @@ def main() -> None:
             kw[k] = ast.literal_eval(v)
         except (ValueError, SyntaxError):
             kw[k] = v
-    if kw.get("graph_mode") in ("joint", "residual"):
+    if kw.get("graph_mode", mtd_fast.MTDConfig().graph_mode) in ("joint", "residual"):
         kw.pop("graph_steps")  # a phase-mode option: refused in the per-step modes
     r = mtd_fast.train(ds, run_dir=args.run_dir, resume=args.resume, **kw)
     if rank == 0:

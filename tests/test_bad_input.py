@@ -17,8 +17,8 @@ from mtd_fast.cli import main
 from mtd_fast.data import Dataset, DataError, DataWarning, Samples, Sessions, expand_samples
 from mtd_fast.serialization import ModelFileError, state_digest
 
-TINY = dict(hidden_size=8, graph_steps=3, batch_size=64, quiet=True, max_steps_per_epoch=3)
-SMALL = ["--n-sessions", "300", "--n-items", "40", "--hidden-size", "8", "--graph-steps", "3", "--quiet",
+TINY = dict(hidden_size=8, batch_size=64, quiet=True, max_steps_per_epoch=3)
+SMALL = ["--n-sessions", "300", "--n-items", "40", "--hidden-size", "8", "--quiet",
          "--max-steps-per-epoch", "2"]
 
 
@@ -252,7 +252,7 @@ def test_one_status_line_per_epoch_when_not_a_terminal(tmp_path):
 
 def test_status_lines_once_when_logging_shows_info(small, capsys, caplog):
     with caplog.at_level(logging.INFO, logger="mtd_fast"):  # a handler on the root logger shows INFO records
-        mtd_fast.train(small, epochs=1, hidden_size=8, graph_steps=3, batch_size=64, max_steps_per_epoch=2)
+        mtd_fast.train(small, epochs=1, hidden_size=8, batch_size=64, max_steps_per_epoch=2)
     out = capsys.readouterr()
     logged = [r.getMessage() for r in caplog.records if "epoch 1/1" in r.getMessage()]
     assert len(logged) == 1 and "epoch 1/1" not in out.out + out.err

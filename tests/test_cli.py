@@ -11,7 +11,8 @@ from mtd_fast.cli import main
 
 from conftest import shared_path
 
-SMALL = ["--n-sessions", "400", "--n-items", "60", "--hidden-size", "16", "--graph-steps", "5", "--quiet"]
+SMALL = ["--n-sessions", "400", "--n-items", "60", "--hidden-size", "16", "--graph-mode", "overwrite",
+         "--graph-steps", "5", "--quiet"]
 
 
 def test_train_save_evaluate(tmp_path, capsys):

@@ -17,9 +17,9 @@ from mtd_fast.metrics import METRIC_KEYS
 train_module = importlib.import_module("mtd_fast.train")  # the module (the package attribute is the function)
 
 DATA = {"n_sessions": 300, "n_items": 60}
-SMALL = {"hidden_size": 8, "batch_size": 64, "max_steps_per_epoch": 2, "graph_steps": 3}
+SMALL = {"hidden_size": 8, "batch_size": 64, "max_steps_per_epoch": 2}
 CLI_SMALL = ["--n-sessions", "300", "--n-items", "60", "--hidden-size", "8", "--batch-size", "64",
-             "--max-steps-per-epoch", "2", "--graph-steps", "3", "--quiet"]
+             "--max-steps-per-epoch", "2", "--quiet"]
 TOP_KEYS = {"dataset", "model", "label", "seed", "metrics", "best_epoch", "epochs", "fraction", "overrides",
             "model_config", "train_config", "history", "stats", "command", "commit", "torch", "machine", "date",
             "wall_seconds", "format", "format_version"}

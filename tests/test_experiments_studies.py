@@ -15,7 +15,7 @@ from mtd_fast.experiments import ablation, interpret, sensitivity
 from mtd_fast.experiments.interpret import silhouette
 
 train_module = importlib.import_module("mtd_fast.train")
-TINY = {"hidden_size": 8, "batch_size": 64, "max_steps_per_epoch": 1, "graph_steps": 2}
+TINY = {"hidden_size": 8, "batch_size": 64, "max_steps_per_epoch": 1}
 
 
 def settings(tmp_path, **kw):
@@ -59,9 +59,18 @@ def test_ablation_files_values_and_resume(tmp_path, monkeypatch):
 
 
 def test_sensitivity_specs_share_the_default_point():
-    labels = [s.label for s in sensitivity.specs(Study("sensitivity", dataset="diginetica"))]
+    phases = Study("sensitivity", dataset="diginetica", overrides={"graph_mode": "overwrite"})
+    labels = [s.label for s in sensitivity.specs(phases)]
     assert labels == ["default", "d=25", "d=50", "d=150", "d=200", *[f"f={f}" for f in (1, 2, 3, 5, 6, 7, 8)],
                       "gcn=2", "gcn=3", "gcn=4"]  # Diginetica's f is 4, d 100, one GCN layer
+    # per-step graph modes (the default) have no phases: the graph task's weight is lambda_g
+    labels = [s.label for s in sensitivity.specs(Study("sensitivity", dataset="diginetica"))]
+    assert labels == ["default", "d=25", "d=50", "d=150", "d=200", "lambda=0", "lambda=0.1", "lambda=0.3",
+                      "lambda=3", "gcn=2", "gcn=3", "gcn=4"]  # lambda_g 1 is the default
+    with pytest.raises(ExperimentError, match="--frequencies sweeps rec_frequency"):
+        sensitivity.specs(Study("sensitivity", options={"frequencies": [2]}))
+    with pytest.raises(ExperimentError, match="must be a number >= 0"):
+        sensitivity.specs(Study("sensitivity", options={"graph_weights": [-1.0]}))
     syn = [s.label for s in sensitivity.specs(Study("sensitivity", overrides={"hidden_size": 50}))]
     assert "d=50" not in syn and "d=100" in syn and "f=1" not in syn
     with pytest.raises(ExperimentError, match="drop --models"):
@@ -70,7 +79,9 @@ def test_sensitivity_specs_share_the_default_point():
 
 def test_sensitivity_files_degradation_and_resume(tmp_path, monkeypatch):
     opts = {"hidden_sizes": [4, 8], "frequencies": [1, 2], "gcn_layers": [1, 2]}
-    res = run_experiment("sensitivity", **settings(tmp_path, options=opts))
+    kw = settings(tmp_path, options=opts)
+    kw["overrides"]["graph_mode"] = "overwrite"  # a phase mode, so the frequency f is swept
+    res = run_experiment("sensitivity", **kw)
     runs = sorted((tmp_path / "sensitivity").glob("*.json"))
     assert sorted(read(p)["label"] for p in runs) == ["d=4", "default", "f=2", "gcn=2"]
     data = read(tmp_path / "sensitivity.json")
@@ -91,7 +102,15 @@ def test_sensitivity_files_degradation_and_resume(tmp_path, monkeypatch):
     assert (tmp_path / "sensitivity.png").stat().st_size > 1000
     assert "training frequency f" in (tmp_path / "sensitivity.md").read_text()
     refuse_training(monkeypatch)
-    assert run_experiment("sensitivity", **settings(tmp_path, options=opts))["sweeps"] == res["sweeps"]
+    assert run_experiment("sensitivity", **kw)["sweeps"] == res["sweeps"]
+
+
+def test_sensitivity_sweeps_graph_weight_in_per_step_modes(tmp_path):
+    opts = {"hidden_sizes": [8], "graph_weights": [0.0, 1.0], "gcn_layers": [1]}
+    res = run_experiment("sensitivity", **settings(tmp_path, options=opts))
+    (t,) = [t for t in res["sweeps"] if t["param"] == "graph_weight"]
+    assert [r["value"] for r in t["rows"]] == [0.0, 1.0] and [r["label"] for r in t["rows"]] == ["lambda=0", "default"]
+    assert "graph loss weight lambda_g" in (tmp_path / "sensitivity.md").read_text()
 
 
 def test_interpret_files_weights_tsne_and_resume(tmp_path, monkeypatch):

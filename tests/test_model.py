@@ -133,7 +133,7 @@ def test_graph_phase_changes_item_table_and_rec_phase_leaves_gcn_alone(monkeypat
 
     monkeypatch.setattr(tr, "_graph_phase", graph_phase)
     monkeypatch.setattr(tr, "_rec_epoch", rec_epoch)
-    res = mtd_fast.train(ds, epochs=1, quiet=True, hidden_size=16, graph_steps=5, batch_size=64,
+    res = mtd_fast.train(ds, epochs=1, quiet=True, hidden_size=16, graph_mode="overwrite", graph_steps=5, batch_size=64,
                          eval_test_each_epoch=False)
     nodes = snaps["nodes"]
     before, after = snaps["E_before_graph"], snaps["E_after_graph"]
@@ -173,7 +173,8 @@ def test_dgi_loss_by_hand():
 
 def test_graph_phase_schedule():
     ds = toy_dataset()
-    res = mtd_fast.train(ds, epochs=5, quiet=True, hidden_size=8, graph_steps=3, rec_frequency=2, graph_phases=2,
+    res = mtd_fast.train(ds, epochs=5, quiet=True, hidden_size=8, graph_mode="overwrite", graph_steps=3, rec_frequency=2,
+                         graph_phases=2,
                          patience=10, batch_size=128, eval_test_each_epoch=False)
     ran = [h["graph_loss"] is not None for h in res.history]
     assert ran == [True, False, True, False, False]  # r % f == 0 and r // f < graph_phases
@@ -192,7 +193,7 @@ def test_lr_decay_steps():
 def test_ablations_build_and_conflicts_raise():
     ds = toy_dataset()
     for name in ("mtd-va", "mtd-at", "mtd-ga"):
-        r = mtd_fast.train(ds, model=name, epochs=1, quiet=True, hidden_size=8, graph_steps=2, batch_size=128)
+        r = mtd_fast.train(ds, model=name, epochs=1, quiet=True, hidden_size=8, batch_size=128)
         assert np.isfinite(r.metrics["P@20"])
     assert len(mtd_fast.train(ds, model="mtd-va", epochs=1, quiet=True, hidden_size=8, graph_phases=0,
                               batch_size=128).model.blocks) == 0

@@ -175,7 +175,7 @@ def test_import_and_train_work_without_triton_and_numba():
         avail = mtd_fast.available_backends()
         assert "triton" not in avail["session_attention"] and "numba" not in avail["global_graph"], avail
         ds = mtd_fast.load_dataset("synthetic", n_sessions=200, n_items=40)
-        r = mtd_fast.train(ds, epochs=1, quiet=True, hidden_size=8, graph_steps=2)
+        r = mtd_fast.train(ds, epochs=1, quiet=True, hidden_size=8)
         assert r.backends["global_graph"] == "reference"
         assert "triton" not in sys.modules and "numba" not in sys.modules
         print("OK")

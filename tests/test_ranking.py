@@ -143,8 +143,8 @@ def trained_models():
     ds = mtd_fast.load_dataset("synthetic", n_sessions=400, n_items=60, seed=2)
     threads = torch.get_num_threads()
     try:
-        return ds, {name: mtd_fast.train(ds, model=name, epochs=1, quiet=True, hidden_size=16, num_threads=1,
-                                         graph_steps=2).model for name in ("mtd", "gru4rec", "csrm")}
+        return ds, {name: mtd_fast.train(ds, model=name, epochs=1, quiet=True, hidden_size=16, num_threads=1).model
+                    for name in ("mtd", "gru4rec", "csrm")}
     finally:
         torch.set_num_threads(threads)
 

@@ -72,13 +72,14 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, reference, mode, kill
 
 def test_corrupt_last_checkpoint_falls_back_to_best(tmp_path, reference):
     rd = tmp_path / "run"
-    run(tmp_path / "dead.json", "--run-dir", str(rd), "--kill", "train_step:15", expect_kill=True)  # epoch 3
+    opt = ["--option", "graph_mode=overwrite"]
+    run(tmp_path / "dead.json", "--run-dir", str(rd), "--kill", "train_step:15", *opt, expect_kill=True)  # epoch 3
     last = rd / "checkpoint_last.pt"
     data = bytearray(last.read_bytes())
     mid = len(data) // 2
     data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
     last.write_bytes(bytes(data))
-    r = run(tmp_path / "resumed.json", "--run-dir", str(rd), "--resume")
+    r = run(tmp_path / "resumed.json", "--run-dir", str(rd), "--resume", *opt)
     assert "checkpoint_last.pt" in r.stderr and "checksum mismatch" in r.stderr
     assert "checkpoint_best.pt" in r.stderr
     assert_same_run(reference["overwrite"], tmp_path / "resumed.json")
@@ -105,8 +106,8 @@ def test_resume_refusals(tmp_path, reference):
     from mtd_fast.rundir import RunDirError
 
     ds = mtd_fast.load_dataset("synthetic", n_sessions=400, n_items=60)
-    kw = dict(epochs=3, seed=0, quiet=True, hidden_size=16, graph_steps=6, batch_size=64, max_steps_per_epoch=6,
-              patience=5)
+    kw = dict(epochs=3, seed=0, quiet=True, hidden_size=16, graph_mode="overwrite", graph_steps=6, batch_size=64,
+              max_steps_per_epoch=6, patience=5)
     with pytest.raises(ValueError, match="resume=True needs run_dir"):
         mtd_fast.train(ds, resume=True, **kw)
     with pytest.raises(RunDirError, match="does not exist"):
@@ -141,7 +142,8 @@ def test_finished_run_resumes_to_the_same_result(tmp_path, reference):
     rd = tmp_path / "run"
     shutil.copytree(reference["overwrite"].parent / "run_overwrite", rd)
     ds = mtd_fast.load_dataset("synthetic", n_sessions=400, n_items=60)
-    kw = dict(seed=0, quiet=True, hidden_size=16, graph_steps=6, batch_size=64, max_steps_per_epoch=6, patience=5)
+    kw = dict(seed=0, quiet=True, hidden_size=16, graph_mode="overwrite", graph_steps=6, batch_size=64,
+              max_steps_per_epoch=6, patience=5)
     r = mtd_fast.train(ds, epochs=3, run_dir=rd, resume=True, **kw)
     assert r.metrics == json.loads(reference["overwrite"].read_text())["metrics"]
     longer = mtd_fast.train(ds, epochs=4, run_dir=rd, resume=True, **kw)
@@ -156,7 +158,7 @@ def test_checkpoint_that_does_not_fit(tmp_path):
     from mtd_fast.rundir import RunDir
 
     ds = mtd_fast.load_dataset("synthetic", n_sessions=400, n_items=60)
-    kw = dict(epochs=1, seed=0, quiet=True, hidden_size=16, graph_steps=2, batch_size=64, max_steps_per_epoch=2)
+    kw = dict(epochs=1, seed=0, quiet=True, hidden_size=16, batch_size=64, max_steps_per_epoch=2)
     rd = tmp_path / "run"
     mtd_fast.train(ds, run_dir=rd, **kw)
     found = RunDir(rd).load_checkpoint()

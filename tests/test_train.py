@@ -10,7 +10,7 @@ import torch
 import mtd_fast
 from mtd_fast.metrics import METRIC_KEYS, MetricAccumulator, ranks_from_scores
 
-FAST = dict(graph_steps=50, quiet=True)
+FAST = dict(quiet=True)
 
 
 def pop_p20(ds):

@@ -399,7 +399,7 @@ def test_one_epoch_training_same_metrics():
     runs = {}
     for backend in ({"session_attention": "triton", "aggregate": "triton"}, "reference"):
         runs[str(backend)] = mtd_fast.train(ds, epochs=1, seed=0, backend=backend, quiet=True, hidden_size=16,
-                                            batch_size=32, graph_steps=3, device=DEVICE)
+                                            batch_size=32, device=DEVICE)
     fast, ref = runs.values()
     assert fast.backends["session_attention"] == "triton" and ref.backends["session_attention"] == "reference"
     torch.testing.assert_close(fast.history[0]["train_loss"], ref.history[0]["train_loss"], atol=1e-5, rtol=1e-4)

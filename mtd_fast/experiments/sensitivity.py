@@ -1,8 +1,12 @@
 """`mtd-fast experiment sensitivity` (RQ3, the paper's Figure 4): MTD's hyper-parameters.
 
 Three one-at-a-time sweeps around the default MTD: hidden size d in {25, 50, 100, 150,
-200}, training frequency f (`rec_frequency`) in 1..8 and GCN depth (`num_gcn_layers`)
-in 1..4. The default point is one run (label "default") shared by the three sweeps.
+200}, the graph task's weight in training and GCN depth (`num_gcn_layers`) in 1..4. The
+graph task's weight is the paper's training frequency f (`rec_frequency`, 1..8) when the
+study's `graph_mode` trains the graph in phases (overwrite, rescaled); with a per-step
+mode (joint, residual: the default) phases do not exist and the sweep is over lambda_g
+(`graph_weight`) in {0, 0.1, 0.3, 1, 3} instead. The default point is one run (label
+"default") shared by the three sweeps.
 Every choice is made on validation: each run's epoch is picked on validation, and the
 degradation ratio plotted is that of the validation metric against the best value of
 the sweep on that dataset, (best - value) / best, as the paper plots it (0 = the best
@@ -13,23 +17,40 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from ..config import MTDConfig
+from ..config import PHASE_MODES, MTDConfig, TrainConfig
 from ..data import DATASETS
 from .report import ExperimentError, atomic_write_json, atomic_write_text, markdown_table
 from .runner import load_results, merge_json
 from .study import Study, provenance, pyplot, save_figure
 
-__all__ = ["SWEEPS", "run", "report", "sweep_tables", "degradation_figure"]
+__all__ = ["SWEEPS", "active_sweeps", "run", "report", "sweep_tables", "degradation_figure"]
 
 # parameter -> (label prefix, default values, CLI option of Study.options)
 SWEEPS = {
     "hidden_size": ("d", (25, 50, 100, 150, 200), "hidden_sizes"),
     "rec_frequency": ("f", tuple(range(1, 9)), "frequencies"),
+    "graph_weight": ("lambda", (0.0, 0.1, 0.3, 1.0, 3.0), "graph_weights"),
     "num_gcn_layers": ("gcn", (1, 2, 3, 4), "gcn_layers"),
 }
 TITLES = {"hidden_size": "hidden size d", "rec_frequency": "training frequency f",
-          "num_gcn_layers": "GCN layers"}
+          "graph_weight": "graph loss weight lambda_g", "num_gcn_layers": "GCN layers"}
 DEFAULT_SEEDS = (0,)
+
+
+def active_sweeps(study: Study) -> list[str]:
+    """d, the graph task's weight (f for the phase modes, lambda_g for the per-step ones), depth."""
+    mode = study.overrides.get("graph_mode", MTDConfig().graph_mode)
+    return ["hidden_size", "rec_frequency" if mode in PHASE_MODES else "graph_weight", "num_gcn_layers"]
+
+
+def _check_value(param: str, v: Any) -> None:
+    if param == "graph_weight":
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+        want = "a number >= 0"
+    else:
+        ok, want = isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1"
+    if not ok:
+        raise ExperimentError(f"{param} value {v!r} must be {want}")
 
 
 def _default_value(study: Study, param: str) -> int:
@@ -37,6 +58,8 @@ def _default_value(study: Study, param: str) -> int:
         if study.overrides.get("rec_frequency") is not None:
             return study.overrides["rec_frequency"]
         return DATASETS[study.dataset][2] if study.dataset in DATASETS else 1  # load_dataset's own default
+    if param == "graph_weight":
+        return study.overrides.get(param, TrainConfig().graph_weight)
     return study.overrides.get(param, getattr(MTDConfig(), param))
 
 
@@ -44,13 +67,19 @@ def specs(study: Study):
     if study.models:
         raise ExperimentError("experiment sensitivity sweeps MTD only: drop --models")
     seeds = study.seeds_or(DEFAULT_SEEDS)
+    active = active_sweeps(study)
+    for param in SWEEPS:
+        option = SWEEPS[param][2]
+        if param not in active and study.options.get(option):
+            raise ExperimentError(f"--{option.replace('_', '-')} sweeps {param}, which graph_mode="
+                                  f"{study.overrides.get('graph_mode', MTDConfig().graph_mode)!r} does not read")
     out = [study.spec("mtd", s, label="default") for s in seeds]
-    for param, (short, values, option) in SWEEPS.items():
+    for param in active:
+        short, values, option = SWEEPS[param]
         for v in study.options.get(option) or values:
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ExperimentError(f"{param} value {v!r} must be an int >= 1")
+            _check_value(param, v)
             if v != _default_value(study, param):
-                out += [study.spec("mtd", s, label=f"{short}={v}", extra={param: v}) for s in seeds]
+                out += [study.spec("mtd", s, label=f"{short}={v:g}", extra={param: v}) for s in seeds]
     return out
 
 
@@ -64,6 +93,8 @@ def sweep_value(rec: dict[str, Any], param: str) -> int:
     """The value a run used (the resolved one: f falls back to the dataset's default)."""
     if param == "rec_frequency":
         return rec["train_config"]["rec_frequency"] or rec["dataset_rec_frequency"]
+    if param == "graph_weight":
+        return rec["train_config"][param]
     return rec["model_config"][param]
 
 
@@ -93,8 +124,8 @@ def sweep_tables(merged: dict[str, Any], records: list[dict[str, Any]]) -> list[
                 rows.append({"value": sweep_value(rec, param), "label": row["label"], "seeds": row["seeds"],
                              **{f"valid {k}": row["valid"][k]["mean"] for k in ("P@20", "MRR@20")},
                              **{f"test {k}": row["metrics"][k]["mean"] for k in ("P@20", "MRR@20")}})
-            if not rows:
-                continue
+            if all(r["label"] == "default" for r in rows):
+                continue  # a sweep this study did not run (f in per-step modes, lambda_g in phase modes)
             rows.sort(key=lambda r: r["value"])
             best = max(rows, key=lambda r: (r["valid P@20"], r["valid MRR@20"]))
             for r in rows:
@@ -110,8 +141,9 @@ def degradation_figure(tables: list[dict[str, Any]]):
     """Columns = the three parameters, rows = P@20 / MRR@20: degradation ratio of the
     validation metric against the sweep's best, one line per dataset."""
     plt = pyplot()
-    fig, axes = plt.subplots(2, len(SWEEPS), figsize=(4.5 * len(SWEEPS), 6.5), squeeze=False)
-    for j, param in enumerate(SWEEPS):
+    params = [p for p in SWEEPS if any(t["param"] == p for t in tables)]
+    fig, axes = plt.subplots(2, len(params), figsize=(4.5 * len(params), 6.5), squeeze=False)
+    for j, param in enumerate(params):
         for t in (t for t in tables if t["param"] == param):
             for i, k in enumerate(("P@20", "MRR@20")):
                 pts = [(r["value"], r[f"degradation {k}"]) for r in t["rows"] if r[f"degradation {k}"] is not None]

@@ -333,17 +333,20 @@ class MTD(SessionModel):
             q, cand = F.normalize(q, dim=-1) * self.score_scale, F.normalize(cand, dim=-1)
         return q, cand
 
-    def multitask_loss(self, batch: Batch, targets: torch.Tensor,
-                       graph_weight: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def multitask_loss(self, batch: Batch, targets: torch.Tensor, graph_weight: float,
+                       perm: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Per-step loss of graph_mode "joint" / "residual": mean cross-entropy + graph_weight *
         DGI BCE (mean over the 2N real and corrupted rows), one propagation shared by both.
-        Returns (loss, the DGI term or None)."""
+        `perm` (N,): the corruption's row permutation (default: torch.randperm). Returns
+        (loss, the DGI term or None)."""
         table, h0, h = self.propagate()
         q, cand = self.score_parts(batch, table)
         rec = self.parts_loss(q, cand, self._check_targets(targets))
         if h is None or graph_weight == 0:
             return rec, None
-        dgi = self.dgi_bce(h, self.graph_output(h0[torch.randperm(h0.shape[0], device=h0.device)]))
+        if perm is None:
+            perm = torch.randperm(h0.shape[0], device=h0.device)
+        dgi = self.dgi_bce(h, self.graph_output(h0[perm]))
         return rec + graph_weight * dgi, dgi
 
     # ---- inter-session encoder -------------------------------------------------------------
