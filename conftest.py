@@ -19,4 +19,4 @@ if "mtd_fast" not in sys.modules:
         import mtd_fast  # noqa: F401
     except ImportError as exc:  # pragma: no cover - a setup error, said plainly
         raise SystemExit(f"mtd_fast is not installed in this environment ({exc}); "
-                         "run the README's install command first (pip install \".[triton,test]\")")
+                         "run the README's install command first (pip install \".[triton,test]\")") from None

@@ -90,7 +90,6 @@ def _length_pool() -> tuple[torch.Tensor, str]:
         with open(DIGI_TEST, "rb") as f:
             data = _NoGlobals(f).load()
         return torch.tensor([len(x) for x in data[0]]), f"Diginetica test prefixes ({DIGI_TEST.name})"
-    gen = torch.Generator().manual_seed(0)
     geo = torch.distributions.Geometric(probs=torch.tensor(1 / 4.85))
     torch.manual_seed(0)
     return geo.sample((100_000,)).long() + 1, "geometric, mean 4.85 (Diginetica file absent)"

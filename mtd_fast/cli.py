@@ -56,7 +56,8 @@ def _add_data_flags(p: argparse.ArgumentParser, compact_ids: bool = True) -> Non
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=None,
                    help="synthetic (default), diginetica, retailrocket, yoochoose1_64, yoochoose1_64_mtd")
-    g.add_argument("--data-dir", default=None, help="folder in the SR-GNN pickle layout (default $MTD_FAST_DATA/<name>)")
+    g.add_argument("--data-dir", default=None,
+                   help="folder in the SR-GNN pickle layout (default $MTD_FAST_DATA/<name>)")
     g.add_argument("--fraction", type=float, default=1.0,
                    help="keep the most recent ceil(fraction * n) training sessions (ids, catalogue, test unchanged)")
     g.add_argument("--n-sessions", type=int, default=None, help="synthetic: number of sessions (5000)")
@@ -293,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT/NAME.md, OUT/NAME.json and PNG figures.")
     x.add_argument("name", help="table2 | ablation | sensitivity | interpret | graph_modes")
     _add_data_flags(x, compact_ids=False)  # the experiment runner loads its own data
-    x.add_argument("--models", nargs="+", default=None, help="table2 / ablation: the models to run; graph_modes: the variants (default: all)")
+    x.add_argument("--models", nargs="+", default=None,
+                   help="table2 / ablation: the models to run; graph_modes: the variants (default: all)")
     x.add_argument("--seeds", "--seed", dest="seeds", nargs="+", type=int, default=None,
                    help="training seeds (default: 0; ablation 0 1 2)")
     x.add_argument("--epochs", type=int, default=30,
@@ -320,14 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import warnings
+
+    import torch.distributed as td
+
     from .config import ConfigError
     from .data.store import DataError
     from .distributed import DistError
     from .ops.dispatch import BackendError
-
-    import warnings
-
-    import torch.distributed as td
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by experiments as the exact command

@@ -7,7 +7,7 @@ to the right one (`split_overrides`) and reject unknown names with a `TypeError`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 __all__ = ["MTDConfig", "TrainConfig", "split_overrides", "ConfigError", "GRAPH_MODES", "PHASE_MODES",
@@ -80,7 +80,8 @@ class MTDConfig:
         _check(_is_int(self.num_heads) and self.num_heads > 0, "num_heads", self.num_heads, "a positive int")
         _check(self.hidden_size % self.num_heads == 0, "num_heads", self.num_heads,
                f"must divide hidden_size={self.hidden_size}")
-        _check(_is_int(self.max_position) and self.max_position > 0, "max_position", self.max_position, "a positive int")
+        _check(_is_int(self.max_position) and self.max_position > 0, "max_position", self.max_position,
+               "a positive int")
         _check(self.max_session_length is None or (_is_int(self.max_session_length) and self.max_session_length > 0),
                "max_session_length", self.max_session_length, "None or a positive int")
         _check(self.item_attention in ("additive", "product"), "item_attention", self.item_attention,
@@ -91,7 +92,8 @@ class MTDConfig:
         _check(self.graph_encoder in ("gcn", "gat"), "graph_encoder", self.graph_encoder, "one of 'gcn', 'gat'")
         _check(self.graph_norm in ("sym", "mean", "none"), "graph_norm", self.graph_norm,
                "one of 'sym', 'mean', 'none'")
-        _check(self.graph_mode in GRAPH_MODES, "graph_mode", self.graph_mode, f"one of {', '.join(map(repr, GRAPH_MODES))}")
+        _check(self.graph_mode in GRAPH_MODES, "graph_mode", self.graph_mode,
+               f"one of {', '.join(map(repr, GRAPH_MODES))}")
         _check(self.residual_form in ("gcn", "light"), "residual_form", self.residual_form, "one of 'gcn', 'light'")
         _check(self.residual_form == "gcn" or self.graph_mode == "residual", "residual_form", self.residual_form,
                f"only graph_mode='residual' propagates the item table (graph_mode={self.graph_mode!r})")
@@ -130,7 +132,8 @@ class TrainConfig:
     graph_phases: int = 4
     graph_steps: int = 1000
     graph_patience: int = 10
-    graph_weight: float = 1.0  # lambda_g of graph_mode "joint" / "residual": loss = CE + lambda_g * DGI BCE (both means)
+    # lambda_g of graph_mode "joint" / "residual": loss = CE + lambda_g * DGI BCE (both means)
+    graph_weight: float = 1.0
     eval_test_each_epoch: bool = True  # only for the separately labelled best-on-test figures
     max_steps_per_epoch: Optional[int] = None  # cap batches per epoch (quick runs, benches)
     num_threads: Optional[int] = None  # torch intra-op threads; None leaves torch's choice
@@ -162,7 +165,8 @@ class TrainConfig:
                "a number >= 0")
         _check(_is_int(self.graph_patience) and self.graph_patience >= 1, "graph_patience", self.graph_patience,
                "an int >= 1")
-        _check(self.max_steps_per_epoch is None or (_is_int(self.max_steps_per_epoch) and self.max_steps_per_epoch >= 1),
+        steps = self.max_steps_per_epoch
+        _check(steps is None or (_is_int(steps) and steps >= 1),
                "max_steps_per_epoch", self.max_steps_per_epoch, "None or an int >= 1")
         _check(self.num_threads is None or (_is_int(self.num_threads) and self.num_threads >= 1), "num_threads",
                self.num_threads, "None or an int >= 1")

@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import math
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import numpy as np
 import torch

@@ -45,7 +45,7 @@ from .config import PHASE_MODES, ConfigError, MTDConfig, TrainConfig, check_grap
 from .data.dataset import Dataset
 from .data.store import DataError, Samples, iter_batches
 from .distributed import Dist
-from .metrics import METRIC_KEYS, MetricAccumulator, better, ranks_from_scores  # noqa: F401 (re-exported names)
+from .metrics import METRIC_KEYS, MetricAccumulator, better
 from .models import ablation_overrides, model_class
 from .models.base import SessionModel
 

@@ -2,7 +2,8 @@
 
     python _run_driver.py OUT.json [--run-dir D] [--resume] [--kill STEP_KIND:N] [--option k=v ...]
 
-Trains a small synthetic MTD run (options as `--option name=value`) and writes OUT.json (metrics, history without the timing
+Trains a small synthetic MTD run (options as `--option name=value`) and writes OUT.json
+(metrics, history without the timing
 keys, best epoch) and OUT.pt (the final state_dict). `--kill train_step:N` (or `dgi_step:N`,
 `replace:N`) sends SIGKILL to this process at the N-th call of the trainer's step function
 (or of os.replace onto checkpoint_last.pt, after the temporary file is complete): a crash

@@ -14,7 +14,7 @@ import torch
 
 import mtd_fast
 from mtd_fast.cli import main
-from mtd_fast.data import Dataset, DataError, DataWarning, Samples, Sessions, expand_samples
+from mtd_fast.data import DataError, Dataset, DataWarning, Samples, Sessions, expand_samples
 from mtd_fast.serialization import ModelFileError, state_digest
 
 TINY = dict(hidden_size=8, batch_size=64, quiet=True, max_steps_per_epoch=3)
@@ -37,7 +37,8 @@ def model_file(tmp_path_factory, small):
 
 # ---- diverging training --------------------------------------------------------------------------
 def test_huge_lr_stops_with_epoch_and_step(small):
-    with pytest.raises(FloatingPointError, match=r"epoch \d+, step \d+ of \d+: .*non-finite|epoch \d+, step \d+ of \d+: "
+    with pytest.raises(FloatingPointError,
+                       match=r"epoch \d+, step \d+ of \d+: .*non-finite|epoch \d+, step \d+ of \d+: "
                                                  r"the loss became"):
         mtd_fast.train(small, epochs=3, lr=1e6, **TINY)
 
@@ -242,7 +243,8 @@ def test_output_paths_checked_before_training(tmp_path, capsys, monkeypatch):
 
 
 def test_one_status_line_per_epoch_when_not_a_terminal(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "mtd_fast", "train", "--epochs", "2", *[a for a in SMALL if a != "--quiet"]],
+    args = [a for a in SMALL if a != "--quiet"]
+    r = subprocess.run([sys.executable, "-m", "mtd_fast", "train", "--epochs", "2", *args],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr

@@ -15,7 +15,7 @@ import torch
 
 import mtd_fast
 from mtd_fast.config import MTDConfig
-from mtd_fast.data.store import pad_batch, Sessions
+from mtd_fast.data.store import Sessions, pad_batch
 from mtd_fast.graph import session_graphs_ref
 from mtd_fast.metrics import MetricAccumulator, ranks_from_scores
 from mtd_fast.models import model_class

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _checks import assert_padded_rows_zero
 
 import mtd_fast.ops as ops
 import mtd_fast.ops.packed as packed
 from mtd_fast.ops.packed import aggregate_packed, length_buckets, session_attention_packed
 from mtd_fast.ops.reference import aggregate_ref, session_attention_ref
-
-from _checks import assert_padded_rows_zero
 
 ATOL, RTOL = 2e-5, 1e-4
 

@@ -13,6 +13,7 @@ import torch
 import mtd_fast
 from mtd_fast import ops
 from mtd_fast.ops.reference import spmm_ref
+
 from test_resume import DRIVER, assert_same_run
 
 THREADS = (1, 2, 3, 4, 8)  # more threads than this machine's cores on purpose: races show up more

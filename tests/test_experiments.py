@@ -9,8 +9,17 @@ import pytest
 
 import mtd_fast
 from mtd_fast.cli import main
-from mtd_fast.experiments import ExperimentError, RunSpec, load_results, merge_json, merge_table, result_path, run_all
-from mtd_fast.experiments import runner, table2
+from mtd_fast.experiments import (
+    ExperimentError,
+    RunSpec,
+    load_results,
+    merge_json,
+    merge_table,
+    result_path,
+    run_all,
+    runner,
+    table2,
+)
 from mtd_fast.experiments.report import fmt_mean_sd, markdown_table
 from mtd_fast.metrics import METRIC_KEYS
 
@@ -63,7 +72,8 @@ def test_run_all_writes_one_file_per_run_then_retrains_nothing(tmp_path, monkeyp
         assert TOP_KEYS <= set(on_disk)
         assert (on_disk["dataset"], on_disk["model"], on_disk["label"], on_disk["seed"]) == ("synthetic", s.model,
                                                                                              s.model, s.seed)
-        assert set(METRIC_KEYS) <= set(on_disk["metrics"]) and set(on_disk["metrics"]["best_on_test"]) == set(METRIC_KEYS)
+        assert set(METRIC_KEYS) <= set(on_disk["metrics"])
+        assert set(on_disk["metrics"]["best_on_test"]) == set(METRIC_KEYS)
         assert on_disk["train_config"]["max_steps_per_epoch"] == 2 and on_disk["model_config"]["hidden_size"] == 8
         assert on_disk["overrides"] == SMALL and on_disk["epochs"] == 2 and on_disk["fraction"] == 1.0
         assert on_disk["stats"] == ds.stats()

@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from mtd_fast.experiments import ExperimentError, Study, run_experiment
-from mtd_fast.experiments import graph_modes
+from mtd_fast.experiments import ExperimentError, Study, graph_modes, run_experiment
 
 train_module = importlib.import_module("mtd_fast.train")
 TINY = {"hidden_size": 8, "batch_size": 64, "max_steps_per_epoch": 2}

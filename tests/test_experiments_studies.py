@@ -10,8 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from mtd_fast.experiments import ExperimentError, Study, run_experiment
-from mtd_fast.experiments import ablation, interpret, sensitivity
+from mtd_fast.experiments import ExperimentError, Study, ablation, interpret, run_experiment, sensitivity
 from mtd_fast.experiments.interpret import silhouette
 
 train_module = importlib.import_module("mtd_fast.train")
@@ -89,7 +88,7 @@ def test_sensitivity_files_degradation_and_resume(tmp_path, monkeypatch):
     assert {p: [r["value"] for r in rows] for p, rows in sweeps.items()} == {
         "hidden_size": [4, 8], "rec_frequency": [1, 2], "num_gcn_layers": [1, 2]}
     files = {read(p)["label"]: read(p) for p in runs}
-    for param, rows in sweeps.items():
+    for rows in sweeps.values():
         assert sum(r["chosen"] for r in rows) == 1
         best = max(r["valid P@20"] for r in rows)
         for r in rows:

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _memcheck import largest_tensor
 
 import mtd_fast
 from mtd_fast import ops
@@ -31,11 +32,14 @@ from mtd_fast.data.store import DataError, Sessions
 from mtd_fast.models import model_class
 from mtd_fast.ops import BackendError, linear_cross_entropy
 from mtd_fast.ops.linear_cross_entropy import (
-    ITEMS_BUDGET_BYTES, ROWS_BUDGET_BYTES, ROWS_MAX_ITEMS, linear_cross_entropy_chunked, linear_cross_entropy_ref,
-    plan_chunks)
+    ITEMS_BUDGET_BYTES,
+    ROWS_BUDGET_BYTES,
+    ROWS_MAX_ITEMS,
+    linear_cross_entropy_chunked,
+    linear_cross_entropy_ref,
+    plan_chunks,
+)
 from mtd_fast.train import build_model
-
-from _memcheck import largest_tensor
 
 FP32_REL = 2e-6
 

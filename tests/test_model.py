@@ -8,7 +8,7 @@ import torch
 import mtd_fast
 from mtd_fast import MTD, MTDConfig, TrainConfig
 from mtd_fast.config import ConfigError
-from mtd_fast.data import Sessions, pad_batch
+from mtd_fast.data import Sessions
 from mtd_fast.graph import global_graph_ref
 
 SMALL = dict(hidden_size=16)
@@ -158,7 +158,10 @@ def test_dgi_loss_by_hand():
     a = torch.from_numpy(g.to_scipy("sym").toarray()).float()
     h0 = m.item_emb.weight.detach()[torch.from_numpy(g.nodes)]
     layer = m.gnn[0]
-    enc = lambda x: torch.tanh(layer.ln(a @ layer.weight(x)))
+
+    def enc(x):
+        return torch.tanh(layer.ln(a @ layer.weight(x)))
+
     h_pos, h_neg = enc(h0), enc(h0[perm])
     c = torch.sigmoid(h_pos.mean(0))
     w = m.discriminator.weight
@@ -173,8 +176,8 @@ def test_dgi_loss_by_hand():
 
 def test_graph_phase_schedule():
     ds = toy_dataset()
-    res = mtd_fast.train(ds, epochs=5, quiet=True, hidden_size=8, graph_mode="overwrite", graph_steps=3, rec_frequency=2,
-                         graph_phases=2,
+    res = mtd_fast.train(ds, epochs=5, quiet=True, hidden_size=8, graph_mode="overwrite", graph_steps=3,
+                         rec_frequency=2, graph_phases=2,
                          patience=10, batch_size=128, eval_test_each_epoch=False)
     ran = [h["graph_loss"] is not None for h in res.history]
     assert ran == [True, False, True, False, False]  # r % f == 0 and r // f < graph_phases

@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import math
-import warnings
 
-import numpy as np
 import pytest
 import torch
 
 import mtd_fast
 from mtd_fast import ops
-from mtd_fast.ops import BackendError, aggregate_ref, session_attention_ref
-from mtd_fast.ops import dispatch
+from mtd_fast.ops import BackendError, aggregate_ref, dispatch, session_attention_ref
 
 
 def attention_loop(q, k, v, lengths, h, mask=None):
@@ -89,7 +86,10 @@ def test_aggregate_gradcheck_with_learned_gamma():
             torch.randn(3, 3, dtype=torch.float64, requires_grad=True),
             torch.randn(3, dtype=torch.float64, requires_grad=True),
             torch.tensor(0.5, dtype=torch.float64, requires_grad=True)]
-    f = lambda h, hp, a, g, gm: aggregate_ref(h, hp, a, g, lengths, gm, "additive")
+
+    def f(h, hp, a, g, gm):
+        return aggregate_ref(h, hp, a, g, lengths, gm, "additive")
+
     assert torch.autograd.gradcheck(f, args)
 
 

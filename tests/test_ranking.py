@@ -16,14 +16,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _memcheck import largest_tensor
 
 import mtd_fast
 from mtd_fast.data.store import Samples
-from mtd_fast.metrics import (
-    batch_ranks, ranks_from_parts, ranks_from_scores, topk_from_parts, topk_from_scores)
+from mtd_fast.metrics import batch_ranks, ranks_from_parts, ranks_from_scores, topk_from_parts, topk_from_scores
 from mtd_fast.train import evaluate_samples
-
-from _memcheck import largest_tensor
 
 CHUNKS = (1, 2, 3, 7, 64, None)
 

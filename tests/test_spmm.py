@@ -27,10 +27,11 @@ from mtd_fast.graph import global_graph_ref
 from mtd_fast.ops import spmm_ref
 
 try:
+    # isort: off
     from mtd_fast.ops import cpp as cppmod  # first: its ImportError says why and what to do
     from mtd_fast import _spmm_cpp as C
-    from mtd_fast.ops.cpp import (clear_transpose_cache, csr_spmm_cpp, csr_transpose_cpp, spmm_cpp,
-                                  transpose_cache_stats)
+    from mtd_fast.ops.cpp import clear_transpose_cache, csr_spmm_cpp, csr_transpose_cpp, spmm_cpp, transpose_cache_stats
+    # isort: on
 
     _WHY = ""
 except ImportError as exc:  # not built: MTD_FAST_NO_EXT, no cmake/pybind11/compiler

@@ -12,8 +12,12 @@ Tolerances, (dtype, atol, rtol), applied to outputs and to gradients alike:
 
 | dtype    | atol  | rtol  | why |
 | -------- | ----- | ----- | --- |
-| float32  | 2e-5  | 1e-4  | same math, other summation order: fp32 eps (1.2e-7) times reductions of <= 128 x 128 terms of O(1-10) values; measured <= 7e-6 in the interpreter |
-| bfloat16 | rule  |       | max |fast - ref32| <= 2 max |ref16 - ref32| + 1e-5 (flash-attention's rule: the fast bf16 path errs at most twice as much as PyTorch's own bf16 computation, both against the fp32 reference) |
+| float32  | 2e-5  | 1e-4  | same math, other summation order: fp32 eps (1.2e-7) times      |
+|          |       |       | reductions of <= 128 x 128 terms of O(1-10) values; measured   |
+|          |       |       | <= 7e-6 in the interpreter                                     |
+| bfloat16 | rule  |       | max |fast - ref32| <= 2 max |ref16 - ref32| + 1e-5              |
+|          |       |       | (flash-attention's rule: the fast bf16 path errs at most twice |
+|          |       |       | as much as PyTorch's own bf16 computation, both against fp32)  |
 
 bf16 attention runs on CUDA only: bf16 tl.dot returns garbage in the interpreter (known
 upstream problem). bf16 aggregation has no tl.dot and is checked in both.
@@ -38,14 +42,18 @@ pytestmark = [
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
+from _checks import assert_padded_rows_zero  # noqa: E402
+
 import mtd_fast.ops as ops  # noqa: E402
 from mtd_fast.kernels.aggregate import AggregateFunction, aggregate_triton  # noqa: E402
 from mtd_fast.kernels.session_attention import (  # noqa: E402
-    MAX_FUSED_LEN, SessionAttentionFunction, session_attention_triton, uses_fused_path)
+    MAX_FUSED_LEN,
+    SessionAttentionFunction,
+    session_attention_triton,
+    uses_fused_path,
+)
 from mtd_fast.ops.linear_cross_entropy import linear_cross_entropy_ref  # noqa: E402
 from mtd_fast.ops.reference import aggregate_ref, session_attention_ref  # noqa: E402
-
-from _checks import assert_padded_rows_zero  # noqa: E402
 
 DEVICE = "cpu" if _INTERP else "cuda"
 TOL = {torch.float32: (2e-5, 1e-4)}
@@ -167,7 +175,6 @@ def test_session_attention_tiled_path(b, L, d, h, dropout, need):
     # seq_len > MAX_FUSED_LEN runs the tiled kernels (query / key tiles, online softmax,
     # separate dK/dV and dQ kernels); short sessions in the long batch skip most tiles
     assert L > MAX_FUSED_LEN
-    gen = torch.Generator().manual_seed(L)
     lens = [1, L, 17, 3][:b] if b > 2 else [L, 5]
     q, k, v, lens_t, mask, go = _attn_inputs(b, L, d, h, dropout, seed=L, lengths=lens)
     res = []

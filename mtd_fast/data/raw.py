@@ -233,7 +233,8 @@ def _concat(parts: list) -> np.ndarray:
     return out
 
 
-def _parse_uint(path: Path, ch: _Chunk, col: int, field: str, what: str = "is not a non-negative integer id") -> np.ndarray:
+def _parse_uint(path: Path, ch: _Chunk, col: int, field: str,
+                what: str = "is not a non-negative integer id") -> np.ndarray:
     """Decimal digits only (no sign, no spaces), at most 18 of them -> int64."""
     n = ch.ends[col] - ch.starts[col]
     width = int(n.max()) if n.size else 0

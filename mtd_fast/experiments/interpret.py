@@ -228,13 +228,15 @@ def _report(study, base, records, ckpts, given, explained, labels, points, score
     out = study.out
     sess = explained["sessions"]
     weights = [{"items": s, "alpha": explained["alpha"][n].tolist(),
-                "position_decay": None if explained["position_decay"] is None else explained["position_decay"][n].tolist(),
+                "position_decay": (None if explained["position_decay"] is None
+                                   else explained["position_decay"][n].tolist()),
                 "self_attention": None if explained["self_attention"] is None
                 else explained["self_attention"][n].tolist()} for n, s in enumerate(sess)]
     classes, counts = np.unique(labels, return_counts=True)
     data = {"format": "mtd_fast/interpret", "format_version": 1, "dataset": base.dataset_key,
             "fraction": base.fraction, "seed": base.seed, "gamma": explained["gamma"],
-            "checkpoints": {m: {"path": str(p), "source": "given" if m in given else "trained"} for m, p in ckpts.items()},
+            "checkpoints": {m: {"path": str(p), "source": "given" if m in given else "trained"}
+                            for m, p in ckpts.items()},
             "sessions": weights,
             "tsne": {"classes": classes.tolist(), "counts": counts.tolist(), "labels": labels.tolist(),
                      "models": {m: {**scores[m], "points": points[m].tolist()} for m in points}}}

@@ -76,7 +76,8 @@ def report(records: list[dict[str, Any]], study: Study) -> dict[str, Any]:
     md += "\n" + provenance(records) + "\n"
     merged = merge_json(records, ORDER)
     merged["files"] = sorted(f"{r['dataset']}/{r['label']}/seed{r['seed']}" for r in records)
-    paths = {"markdown": atomic_write_text(out / "table2.md", md), "json": atomic_write_json(out / "table2.json", merged)}
+    paths = {"markdown": atomic_write_text(out / "table2.md", md),
+             "json": atomic_write_json(out / "table2.json", merged)}
     if records:
         paths["curves"] = save_figure(curves_figure(records), out / "table2_curves.png")
     return {"paths": paths, "records": records, "markdown": md}

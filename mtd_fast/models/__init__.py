@@ -34,16 +34,16 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 
 
 def model_class(name: str) -> type:
+    """The class of model `name` (an ablation's is MTD's); ValueError for an unknown name.
+    Every model module ships with the package: an error while importing one is a bug and
+    propagates as it is."""
     key = name.lower()
     if key in ABLATIONS:
         key = "mtd"
     if key not in MODELS:
         raise ValueError(f"unknown model {name!r}: use one of {', '.join([*MODELS, *ABLATIONS])}")
     module, cls = MODELS[key].split(":")
-    try:
-        return getattr(importlib.import_module(module), cls)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"model {name!r} is not available in this install ({exc})") from None
+    return getattr(importlib.import_module(module), cls)
 
 
 def ablation_overrides(name: str, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,8 @@ as the reference (`reference.py`), up to float summation order.
 
 - `session_attention_packed`: sessions are grouped by width w = the next power of two
   >= length, at least _MIN_WIDTH (4), at most seq_len (`length_buckets`); each group is
-  gathered as (n, w, dim) and attended with plain batched matmuls; one custom autograd Function with a hand-written backward, so the only
+  gathered as (n, w, dim) and attended with plain batched matmuls; one custom autograd
+  Function with a hand-written backward, so the only
   full-size (batch, seq_len, dim) traffic is one zero-filled output and one zero-filled
   gradient per input (slicing under autograd instead materialised a full-size zero
   gradient per slice and was slower than the reference). Dropout masks are supported

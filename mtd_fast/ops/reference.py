@@ -57,7 +57,8 @@ def session_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, len
 
 
 def aggregate_ref(h: torch.Tensor, hp: torch.Tensor, a: torch.Tensor, g: torch.Tensor, lengths: torch.Tensor,
-                  gamma: Union[float, torch.Tensor] = 0.75, mode: str = "additive") -> tuple[torch.Tensor, torch.Tensor]:
+                  gamma: Union[float, torch.Tensor] = 0.75,
+                  mode: str = "additive") -> tuple[torch.Tensor, torch.Tensor]:
     """Attentive aggregation and position decay of `MTD_SPEC.md` section 2 steps 4-5.
 
     h:  (batch, seq_len, dim) block output H.
