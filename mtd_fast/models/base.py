@@ -21,8 +21,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .. import ops
 from ..config import MTDConfig

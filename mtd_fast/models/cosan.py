@@ -70,14 +70,13 @@ import math
 from typing import Any, Optional
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..config import MTDConfig
 from ..ops.reference import position_index
 from .base import Batch, SessionModel
-from .csrm import FifoMemory
-from .mtd import SelfAttentionBlock, init_attention_encoder
+from .layers import FifoMemory, SelfAttentionBlock, init_attention_encoder
 
 __all__ = ["CoSAN"]
 

@@ -38,40 +38,14 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch import nn
 
 from ..config import MTDConfig
 from .base import Batch, SessionModel
+from .layers import rnn_batch, run_gru
 
-__all__ = ["GRU4Rec", "run_gru", "rnn_batch"]
-
-
-def rnn_batch(model: SessionModel, items: np.ndarray, lengths: np.ndarray) -> Batch:
-    """`prepare_batch` of the RNN models: also keeps the lengths on the CPU, where
-    `pack_padded_sequence` needs them (no device sync per batch)."""
-    dev = model.device
-    return {"items": torch.from_numpy(items).to(dev), "lengths": torch.from_numpy(lengths).to(dev),
-            "lengths_cpu": torch.from_numpy(np.asarray(lengths, dtype=np.int64))}
-
-
-def run_gru(gru: nn.GRU, x: torch.Tensor, batch: Batch, outputs: bool = False):
-    """Run a batch_first GRU over the valid steps only.
-
-    x: (B, L, d_in) left-aligned inputs; returns the state after each session's last click
-    (B, d) and, with `outputs`, all states (B, L, d) with zeros on padding.
-    """
-    lengths = batch.get("lengths_cpu")
-    if lengths is None:
-        lengths = batch["lengths"].cpu()
-    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-    out, h_n = gru(packed)
-    last = h_n[-1]  # (B, d), back in the batch's order
-    if not outputs:
-        return last
-    states, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])  # (B, L, d)
-    return last, states
+__all__ = ["GRU4Rec"]
 
 
 class GRU4Rec(SessionModel):

@@ -23,7 +23,8 @@ score 0 (ties resolved by the evaluation's rule, lower id first).
 
 Published P@20 / MRR@20 (SR-GNN, Wu et al. AAAI 2019, Table 2, numbers taken over from
 STAMP/NARM): Yoochoose 1/64 51.60 / 21.81; Diginetica 35.75 / 11.57. This code on the
-shared data (training sessions without the validation 10%, lambda 20, K 100) (`mtd-fast train --model itemknn --dataset NAME --data-dir ../shared/data/NAME`):
+shared data (training sessions without the validation 10%, lambda 20, K 100)
+(`mtd-fast train --model itemknn --dataset NAME --data-dir ../shared/data/NAME`):
 Diginetica 34.52 / 11.13 (fit 3.3 s), Yoochoose 1/64 51.65 / 21.92 (fit 1.4 s).
 
 Implementation: one pass with sparse matrices, never a dense M x M: X (sessions x items,

@@ -32,103 +32,16 @@ import math
 from typing import Any, Optional
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .. import ops
 from ..config import MTDConfig
 from ..ops.reference import position_index
 from .base import Batch, SessionModel
+from .layers import LN_EPS, Packing, SelfAttentionBlock, init_attention_encoder
 
-__all__ = ["MTD", "GCNLayer", "GATLayer", "SelfAttentionBlock", "Packing", "init_attention_encoder"]
-
-LN_EPS = 1e-8  # the authors' TF `normalize` epsilon
-
-
-def dropout_mask(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Tensor:
-    """Inverted-dropout keep mask scaled by 1/(1-p), drawn from torch's RNG."""
-    return (torch.rand(shape, device=like.device) >= p).to(like.dtype) / (1.0 - p)
-
-
-class Packing:
-    """The valid positions of a left-aligned, 0-padded batch, in row-major order.
-
-    Row-wise layers (projections, LayerNorm, FFN, dropout) run on the N = sum(lengths)
-    valid tokens only: a batch is padded to its longest session (Yoochoose batches of 512
-    pad to 90-135 while prefixes average ~5 clicks), so on the padded tensor ~95 % of that
-    work was padding. Only the ops that need the (batch, seq_len) layout see dense tensors.
-    """
-
-    def __init__(self, lengths: torch.Tensor, width: int) -> None:
-        self.batch, self.width = lengths.numel(), width
-        valid = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
-        self.index = valid.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions in B * L
-        self.last = torch.cumsum(lengths, 0) - 1  # (B,) packed index of each session's last click
-
-    def pack(self, dense: torch.Tensor) -> torch.Tensor:
-        """(B, L, ...) -> (N, ...)"""
-        return dense.reshape(self.batch * self.width, *dense.shape[2:])[self.index]
-
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, d) -> (B, L, d), zeros on padding."""
-        out = x.new_zeros(self.batch * self.width, x.shape[-1]).index_copy(0, self.index, x)
-        return out.view(self.batch, self.width, x.shape[-1])
-
-
-class SelfAttentionBlock(nn.Module):
-    """Post-LN transformer block of the spec (no Q/K/V biases, no output projection)."""
-
-    def __init__(self, d: int, num_heads: int, dropout: float, backend: Any) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.p = dropout
-        self.backend = backend
-        self.wq = nn.Linear(d, d, bias=False)
-        self.wk = nn.Linear(d, d, bias=False)
-        self.wv = nn.Linear(d, d, bias=False)
-        self.ln1 = nn.LayerNorm(d, eps=LN_EPS)
-        self.w1 = nn.Linear(d, d)
-        self.w2 = nn.Linear(d, d)
-        self.ln2 = nn.LayerNorm(d, eps=LN_EPS)
-
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor, packing: Optional[Packing] = None) -> torch.Tensor:
-        """x: (N, d) valid tokens when `packing` is given, else a padded (B, L, d) batch
-        (returned padded, zeros on padding)."""
-        dense_in = packing is None
-        if dense_in:
-            packing = Packing(lengths, x.shape[1])
-            x = packing.pack(x)
-        b, L = packing.batch, packing.width
-        mask = None
-        if self.training and self.p > 0:
-            mask = dropout_mask((b, self.num_heads, L, L), self.p, x)
-        q, k, v = (packing.unpack(w(x)) for w in (self.wq, self.wk, self.wv))  # (B, L, d) each
-        att = ops.session_attention(q, k, v, lengths, num_heads=self.num_heads, dropout_mask=mask,
-                                    backend=self.backend)  # (B, L, d)
-        h1 = self.ln1(x + packing.pack(att))  # (N, d)
-        ff = self.w2(F.dropout(F.relu(self.w1(h1)), self.p, self.training))
-        out = self.ln2(h1 + F.dropout(ff, self.p, self.training))
-        return packing.unpack(out) if dense_in else out
-
-
-def init_attention_encoder(item_emb: nn.Embedding, pos_emb: nn.Embedding, blocks, d: int) -> None:
-    """The spec's initialisation of an embedding + self-attention encoder: E, P, Wq, Wk, Wv
-    ~ U(-1/sqrt(d), 1/sqrt(d)) with padding rows zero; FFN weights Glorot-uniform, biases 0
-    (LayerNorms keep PyTorch's weight 1, bias 0)."""
-    bound = 1.0 / math.sqrt(d)
-    uniform = [item_emb.weight, pos_emb.weight]
-    for blk in blocks:
-        uniform += [blk.wq.weight, blk.wk.weight, blk.wv.weight]
-    for w in uniform:
-        nn.init.uniform_(w, -bound, bound)
-    with torch.no_grad():
-        item_emb.weight[0].zero_()
-        pos_emb.weight[0].zero_()
-    for blk in blocks:
-        nn.init.xavier_uniform_(blk.w1.weight)
-        nn.init.xavier_uniform_(blk.w2.weight)
-        nn.init.zeros_(blk.w1.bias)
-        nn.init.zeros_(blk.w2.bias)
+__all__ = ["MTD", "GCNLayer", "GATLayer"]
 
 
 class GCNLayer(nn.Module):
@@ -150,7 +63,7 @@ class GATLayer(nn.Module):
     tanh(LN(.)) as in the GCN layer. e_ij = LeakyReLU(a_l . W h_i + a_r . W h_j),
     softmax over the neighbours j of i (the CSR row). Pure PyTorch (gather/scatter)."""
 
-    def __init__(self, d: int, backend: Any = None) -> None:
+    def __init__(self, d: int) -> None:
         super().__init__()
         self.weight = nn.Linear(d, d, bias=False)
         self.att_l = nn.Parameter(torch.empty(d))
@@ -209,7 +122,7 @@ class MTD(SessionModel):
         if cfg.graph_encoder == "gcn":
             self.gnn = nn.ModuleList(GCNLayer(d, cfg.graph_norm, backend) for _ in range(cfg.num_gcn_layers))
         else:
-            self.gnn = nn.ModuleList(GATLayer(d, backend) for _ in range(cfg.num_gcn_layers))
+            self.gnn = nn.ModuleList(GATLayer(d) for _ in range(cfg.num_gcn_layers))
         self.discriminator = nn.Linear(d, d, bias=False)  # W_D
         if cfg.score_norm:
             scale = torch.tensor(float(cfg.score_scale))

@@ -30,12 +30,12 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..config import MTDConfig
 from .base import Batch, SessionModel
-from .gru4rec import rnn_batch, run_gru
+from .layers import rnn_batch, run_gru
 
 __all__ = ["NARM"]
 

@@ -7,9 +7,10 @@ the evaluation's tie rule (lower id first), so a count tie never flatters the mo
 
 Published P@20 / MRR@20 (SR-GNN, Wu et al. AAAI 2019, Table 2, numbers taken over
 from STAMP/NARM): Yoochoose 1/64 6.71 / 1.65; Diginetica 0.89 / 0.20. This code on the
-shared data (training sessions without the last 10% kept for validation) (`mtd-fast train --model pop --dataset NAME --data-dir ../shared/data/NAME`): Diginetica
-0.85 / 0.20, Yoochoose 1/64 5.42 / 0.94 (the published 1/64 figure comes from NARM's
-own preprocessing).
+shared data (training sessions without the last 10% kept for validation)
+(`mtd-fast train --model pop --dataset NAME --data-dir ../shared/data/NAME`): Diginetica
+0.85 / 0.20, Yoochoose 1/64 5.42 / 0.94 (the published 1/64 figure comes from NARM's own
+preprocessing).
 
 Non-neural: `fit(dataset)` is one `np.bincount`; the counts live in a persistent buffer
 of shape (M,) so `mtd_fast.save` / `load` round-trips the fitted model.

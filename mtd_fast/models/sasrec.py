@@ -46,14 +46,14 @@ import math
 from typing import Any, Optional
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .. import ops
 from ..config import MTDConfig
 from ..ops.reference import position_index
 from .base import Batch, SessionModel
-from .mtd import LN_EPS, dropout_mask
+from .layers import LN_EPS, dropout_mask
 
 __all__ = ["SASRec", "PreLNBlock"]
 

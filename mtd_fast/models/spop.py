@@ -5,7 +5,8 @@ popularity (training click counts, as in `pop.py`).
 
 Published P@20 / MRR@20 (SR-GNN, Wu et al. AAAI 2019, Table 2, numbers taken over
 from STAMP/NARM): Yoochoose 1/64 30.44 / 18.35; Diginetica 21.06 / 13.68. This code on
-the shared data (`mtd-fast train --model spop --dataset NAME --data-dir ../shared/data/NAME`): Diginetica 21.05 / 13.67, Yoochoose 1/64 29.40 / 18.26.
+the shared data (`mtd-fast train --model spop --dataset NAME --data-dir ../shared/data/NAME`):
+Diginetica 21.05 / 13.67, Yoochoose 1/64 29.40 / 18.26.
 
 Implementation: score = count_in_session * R + popularity_rank, where
 popularity_rank in 0..R-1 is the dense rank of the item's global count (equal counts,

@@ -35,8 +35,8 @@ import math
 from typing import Any, Optional
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..config import MTDConfig
 from .base import Batch, SessionModel

@@ -1,0 +1,203 @@
+"""Layers shared by more than one model, so that no model imports another model's file.
+
+- `SelfAttentionBlock` (with `Packing`, `dropout_mask`, `LN_EPS` and
+  `init_attention_encoder`): MTD's position-aware self-attention encoder, reused by CoSAN;
+  SASRec takes its LayerNorm epsilon and dropout masks;
+- `FifoMemory`: the ring memory of recent sessions of CSRM, reused by CoSAN;
+- `rnn_batch`, `run_gru`: the GRU plumbing of GRU4Rec and NARM.
+
+The hot ops go through `mtd_fast.ops`, as in the models.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from .. import ops
+from .base import Batch, SessionModel
+
+__all__ = ["LN_EPS", "dropout_mask", "Packing", "SelfAttentionBlock", "init_attention_encoder", "FifoMemory",
+           "rnn_batch", "run_gru"]
+
+
+LN_EPS = 1e-8  # the authors' TF `normalize` epsilon
+
+
+def dropout_mask(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Tensor:
+    """Inverted-dropout keep mask scaled by 1/(1-p), drawn from torch's RNG."""
+    return (torch.rand(shape, device=like.device) >= p).to(like.dtype) / (1.0 - p)
+
+
+class Packing:
+    """The valid positions of a left-aligned, 0-padded batch, in row-major order.
+
+    Row-wise layers (projections, LayerNorm, FFN, dropout) run on the N = sum(lengths)
+    valid tokens only: a batch is padded to its longest session (Yoochoose batches of 512
+    pad to 90-135 while prefixes average ~5 clicks), so on the padded tensor ~95 % of that
+    work was padding. Only the ops that need the (batch, seq_len) layout see dense tensors.
+    """
+
+    def __init__(self, lengths: torch.Tensor, width: int) -> None:
+        self.batch, self.width = lengths.numel(), width
+        valid = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+        self.index = valid.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions in B * L
+        self.last = torch.cumsum(lengths, 0) - 1  # (B,) packed index of each session's last click
+
+    def pack(self, dense: torch.Tensor) -> torch.Tensor:
+        """(B, L, ...) -> (N, ...)"""
+        return dense.reshape(self.batch * self.width, *dense.shape[2:])[self.index]
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, d) -> (B, L, d), zeros on padding."""
+        out = x.new_zeros(self.batch * self.width, x.shape[-1]).index_copy(0, self.index, x)
+        return out.view(self.batch, self.width, x.shape[-1])
+
+
+class SelfAttentionBlock(nn.Module):
+    """Post-LN transformer block of the spec (no Q/K/V biases, no output projection)."""
+
+    def __init__(self, d: int, num_heads: int, dropout: float, backend: Any) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.p = dropout
+        self.backend = backend
+        self.wq = nn.Linear(d, d, bias=False)
+        self.wk = nn.Linear(d, d, bias=False)
+        self.wv = nn.Linear(d, d, bias=False)
+        self.ln1 = nn.LayerNorm(d, eps=LN_EPS)
+        self.w1 = nn.Linear(d, d)
+        self.w2 = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d, eps=LN_EPS)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, packing: Optional[Packing] = None) -> torch.Tensor:
+        """x: (N, d) valid tokens when `packing` is given, else a padded (B, L, d) batch
+        (returned padded, zeros on padding)."""
+        dense_in = packing is None
+        if dense_in:
+            packing = Packing(lengths, x.shape[1])
+            x = packing.pack(x)
+        b, L = packing.batch, packing.width
+        mask = None
+        if self.training and self.p > 0:
+            mask = dropout_mask((b, self.num_heads, L, L), self.p, x)
+        q, k, v = (packing.unpack(w(x)) for w in (self.wq, self.wk, self.wv))  # (B, L, d) each
+        att = ops.session_attention(q, k, v, lengths, num_heads=self.num_heads, dropout_mask=mask,
+                                    backend=self.backend)  # (B, L, d)
+        h1 = self.ln1(x + packing.pack(att))  # (N, d)
+        ff = self.w2(F.dropout(F.relu(self.w1(h1)), self.p, self.training))
+        out = self.ln2(h1 + F.dropout(ff, self.p, self.training))
+        return packing.unpack(out) if dense_in else out
+
+
+def init_attention_encoder(item_emb: nn.Embedding, pos_emb: nn.Embedding, blocks, d: int) -> None:
+    """The spec's initialisation of an embedding + self-attention encoder: E, P, Wq, Wk, Wv
+    ~ U(-1/sqrt(d), 1/sqrt(d)) with padding rows zero; FFN weights Glorot-uniform, biases 0
+    (LayerNorms keep PyTorch's weight 1, bias 0)."""
+    bound = 1.0 / math.sqrt(d)
+    uniform = [item_emb.weight, pos_emb.weight]
+    for blk in blocks:
+        uniform += [blk.wq.weight, blk.wk.weight, blk.wv.weight]
+    for w in uniform:
+        nn.init.uniform_(w, -bound, bound)
+    with torch.no_grad():
+        item_emb.weight[0].zero_()
+        pos_emb.weight[0].zero_()
+    for blk in blocks:
+        nn.init.xavier_uniform_(blk.w1.weight)
+        nn.init.xavier_uniform_(blk.w2.weight)
+        nn.init.zeros_(blk.w1.bias)
+        nn.init.zeros_(blk.w2.bias)
+
+
+class FifoMemory(nn.Module):
+    """A ring of `size` detached vectors of dimension `dim`, in persistent buffers.
+
+    `topk_cosine` finds the k filled slots most similar (cosine) to each query and
+    `aggregate` sums them with given weights;
+    `write` puts rows in the next slots, overwriting the oldest. Shapes are fixed by the
+    constructor so `load_state_dict` restores the memory exactly.
+    """
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        self.size = size
+        self.dim = dim
+        self.register_buffer("memory", torch.zeros(size, dim))
+        self.register_buffer("mem_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("mem_count", torch.zeros((), dtype=torch.long))
+
+    def filled(self) -> torch.Tensor:
+        """(n, dim) the filled slots (slot order; order does not matter to readers)."""
+        return self.memory[: int(self.mem_count)]
+
+    def topk_cosine(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """query (Q, dim) -> (cosine similarities (Q, k'), slot indices (Q, k')), k' = min(k, filled).
+
+        The similarities are differentiable in the query (the memory is detached).
+        """
+        mem = self.filled()
+        kk = min(k, mem.shape[0])
+        if kk == 0:
+            return query.new_zeros(query.shape[0], 0), torch.zeros(query.shape[0], 0, dtype=torch.long,
+                                                                  device=query.device)
+        sim = F.normalize(query, dim=-1) @ F.normalize(mem, dim=-1).t()  # (Q, n)
+        return sim.topk(kk, dim=-1)  # (Q, k'), (Q, k')
+
+    def aggregate(self, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """sum_j weights[q, j] * memory[idx[q, j]] -> (Q, dim).
+
+        Scattered into a dense (Q, n) matrix and multiplied by the memory instead of
+        gathering a (Q, k, dim) tensor: ~11x faster on the CPU (Q = n = k = 512, dim 100,
+        forward + backward: 0.53-0.59 s gathered, 0.044-0.052 s dense; one thread, shared
+        machine) and it never materialises Q * k rows.
+        """
+        mem = self.filled()
+        dense = weights.new_zeros(weights.shape[0], mem.shape[0]).scatter(1, idx, weights)  # (Q, n)
+        return dense @ mem
+
+    @torch.no_grad()
+    def write(self, rows: torch.Tensor) -> None:
+        """Write rows (n, dim), detached, into the next slots (FIFO)."""
+        rows = rows.detach().to(self.memory.dtype)
+        if rows.shape[0] > self.size:
+            rows = rows[-self.size:]
+        n = rows.shape[0]
+        if n == 0:
+            return
+        idx = (self.mem_ptr + torch.arange(n, device=rows.device)) % self.size
+        # out of place: a tensor read from the memory in this step may still be needed by autograd
+        self.memory = self.memory.index_copy(0, idx, rows)
+        self.mem_ptr = (self.mem_ptr + n) % self.size
+        self.mem_count = torch.clamp(self.mem_count + n, max=self.size)
+
+
+def rnn_batch(model: SessionModel, items: np.ndarray, lengths: np.ndarray) -> Batch:
+    """`prepare_batch` of the RNN models: also keeps the lengths on the CPU, where
+    `pack_padded_sequence` needs them (no device sync per batch)."""
+    dev = model.device
+    return {"items": torch.from_numpy(items).to(dev), "lengths": torch.from_numpy(lengths).to(dev),
+            "lengths_cpu": torch.from_numpy(np.asarray(lengths, dtype=np.int64))}
+
+
+def run_gru(gru: nn.GRU, x: torch.Tensor, batch: Batch, outputs: bool = False):
+    """Run a batch_first GRU over the valid steps only.
+
+    x: (B, L, d_in) left-aligned inputs; returns the state after each session's last click
+    (B, d) and, with `outputs`, all states (B, L, d) with zeros on padding.
+    """
+    lengths = batch.get("lengths_cpu")
+    if lengths is None:
+        lengths = batch["lengths"].cpu()
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    out, h_n = gru(packed)
+    last = h_n[-1]  # (B, d), back in the batch's order
+    if not outputs:
+        return last
+    states, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])  # (B, L, d)
+    return last, states
