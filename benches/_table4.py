@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from mtd_fast.train import dgi_step, train_step  # the trainer's own steps, timed as they run
+from mtd_fast.train import train_step  # the trainer's own steps, timed as they run
 
 # --------------------------------------------------------------------------- names
 ALL_MODELS = ("mtd", "gru4rec", "narm", "stamp", "sasrec", "srgnn", "csrm", "cosan")

@@ -9,13 +9,13 @@ must give the same loss and the same parameter gradients (fp32 tolerance below).
 
 Run:  pytest benches/bench_dgi.py              (full Diginetica)
       MTD_BENCH_SMOKE=1 pytest benches/bench_dgi.py   (synthetic graph, one round)
+      pytest benches/bench_dgi.py --benchmark-disable (each step once, as a plain test)
 """
 from __future__ import annotations
 
 import copy
 import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +23,9 @@ import torch
 import mtd_fast
 from mtd_fast import MTD, MTDConfig, ops
 
+from harness import data_dir_or_skip
+
 SMOKE = os.environ.get("MTD_BENCH_SMOKE") == "1"
-DIGINETICA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "diginetica"
 ROUNDS = 1 if SMOKE else 10
 L2 = 1e-6
 # fp32, sums over ~43k rows: loss to 1e-5 relative, gradients to 1e-4 relative of their scale
@@ -39,10 +40,8 @@ needs_cpp = pytest.mark.skipif("cpp" not in mtd_fast.available_backends()["spmm"
 def setup():
     if SMOKE:
         ds = mtd_fast.load_dataset("synthetic", n_sessions=2000, n_items=300)
-    elif DIGINETICA.exists():
-        ds = mtd_fast.load_dataset("diginetica", root=DIGINETICA)
     else:
-        pytest.skip(f"Diginetica not found at {DIGINETICA}; MTD_BENCH_SMOKE=1 runs on synthetic data")
+        ds = mtd_fast.load_dataset("diginetica", root=data_dir_or_skip("diginetica"))
     graph = ops.global_graph(ds.train_sessions, ds.n_items)
     torch.manual_seed(0)
     model = MTD(ds.n_items, MTDConfig())
@@ -91,6 +90,8 @@ def test_dgi_step_time(benchmark, setup, backend):
     _step(m, graph, opt)  # warm-up
     benchmark.extra_info.update(nodes=graph.num_nodes, nnz=graph.nnz, threads=torch.get_num_threads())
     benchmark.pedantic(_step, args=(m, graph, opt), rounds=ROUNDS, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: the step ran once, as a plain test
+        return
     RESULTS[backend] = benchmark.stats.stats.median
     if len(RESULTS) == 2:  # the ratio of this run (printed with -s; both medians are in the JSON)
         print(f"\nDGI step (median): cpp {RESULTS['cpp'] * 1e3:.1f} ms, reference {RESULTS['reference'] * 1e3:.1f} ms, "

@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -35,9 +34,9 @@ import pytest
 from mtd_fast.data import Sessions, load_dataset, pad_batch
 from mtd_fast.graph import GlobalGraph, global_graph_ref, session_graphs_ref
 
+from harness import data_dir_or_skip
+
 SMOKE = os.environ.get("MTD_BENCH_SMOKE") == "1"
-PROJECT = Path(__file__).resolve().parents[1]
-DIGINETICA = PROJECT.parent / "shared" / "data" / "diginetica"
 BATCH = 64 if SMOKE else 512
 RESULTS: dict[str, dict] = {}  # name -> measured numbers, for the closing ratio report
 
@@ -107,9 +106,7 @@ def _inputs():
 
         sessions, n_items = _synthetic_sessions()
         return sessions, n_items, expand_samples(sessions).prefixes
-    if not DIGINETICA.exists():
-        pytest.skip(f"real data not found at {DIGINETICA}")
-    ds = load_dataset("diginetica", root=str(DIGINETICA))
+    ds = load_dataset("diginetica", root=data_dir_or_skip("diginetica"))
     return ds.train_sessions, ds.n_items, ds.train.prefixes
 
 
@@ -196,7 +193,7 @@ def _peak_here(name: str) -> dict:
         pass
     gc.collect()
     tracemalloc.start()
-    g = build(sessions, n_items)
+    build(sessions, n_items)
     out["tracemalloc_peak_bytes"] = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     return out

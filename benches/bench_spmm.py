@@ -25,7 +25,6 @@ import os
 import platform
 import time
 import warnings
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -36,6 +35,8 @@ from mtd_fast.data import Sessions, load_dataset
 from mtd_fast.graph import global_graph_ref
 from mtd_fast.ops import spmm_ref
 
+from harness import data_dir_or_skip
+
 try:
     from mtd_fast.ops.cpp import clear_transpose_cache, extension_info, spmm_cpp, transpose_cache_stats
 
@@ -45,8 +46,6 @@ except ImportError as exc:
     _WHY = f"C++ extension not built ({exc})"
 
 SMOKE = os.environ.get("MTD_BENCH_SMOKE") == "1"
-PROJECT = Path(__file__).resolve().parents[1]
-DIGINETICA = PROJECT.parent / "shared" / "data" / "diginetica"
 DIM = 16 if SMOKE else 100
 ROUNDS = 1 if SMOKE else 15
 REF_ROUNDS = 1 if SMOKE else 3
@@ -67,10 +66,7 @@ def _smoke_sessions() -> tuple[Sessions, int]:
 def sessions():
     if SMOKE:
         return _smoke_sessions()
-    if not DIGINETICA.exists():
-        pytest.skip(f"Diginetica not found at {DIGINETICA} (the bench reads ../shared/data/diginetica); "
-                    "MTD_BENCH_SMOKE=1 runs on a synthetic graph")
-    ds = load_dataset("diginetica", root=DIGINETICA)
+    ds = load_dataset("diginetica", root=data_dir_or_skip("diginetica"))
     return ds.train_sessions, ds.n_items
 
 
@@ -228,7 +224,8 @@ def test_gcn_fwd_only(benchmark, und, name):
 
 
 # ------------------------------------------------------------------------- report
-def _interleaved(fns: dict[str, Callable], rounds: int, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+def _interleaved(fns: dict[str, Callable], rounds: int,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Min seconds of each fn, calls alternating, so load changes hit all of them alike."""
     best = {k: float("inf") for k in fns}
     for _ in range(rounds):
@@ -267,7 +264,8 @@ def test_zz_report(capsys, und):
     best = _interleaved(fns, rounds)
     ratio = best["torch_csr"] / best["cpp"]
     lines.append(f"interleaved fwd+bwd, {torch.get_num_threads()} threads, wall (min of {rounds}): cpp "
-                 f"{best['cpp'] * 1e3:.2f} ms, torch_csr {best['torch_csr'] * 1e3:.2f} ms -> torch_csr / cpp = {ratio:.2f} "
+                 f"{best['cpp'] * 1e3:.2f} ms, torch_csr {best['torch_csr'] * 1e3:.2f} ms -> "
+                 f"torch_csr / cpp = {ratio:.2f} "
                  f"(goal >= 3x)")
     RESULTS["interleaved"] = {"cpp_s": best["cpp"], "torch_csr_s": best["torch_csr"], "ratio": ratio}
     # one thread: both run in the calling thread, so its CPU time is immune to other

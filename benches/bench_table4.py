@@ -47,7 +47,7 @@ Options (environment variables):
   MTD_T4_RESULTS=DIR           where table4.{md,json,png} go (default benches/results/;
                                smoke runs write table4_smoke.*)
   MTD_T4_SEED=0, MTD_T4_BATCH=512, MTD_T4_HIDDEN=100, MTD_T4_PEER_TIMEOUT=900 (s per request)
-  MTD_FAST_SHARED_DATA=DIR     data root (default ../shared/data beside the project)
+  MTD_FAST_DATA=DIR            data root (default ../shared/data beside the project)
 
 Run:
   MTD_BENCH_SMOKE=1 pytest benches/bench_table4.py                      (CI; seconds)
@@ -86,10 +86,11 @@ import _table4 as t4  # noqa: E402
 from mtd_fast import ops  # noqa: E402
 from mtd_fast.config import PHASE_MODES, MTDConfig, TrainConfig  # noqa: E402
 from mtd_fast.data import load_dataset  # noqa: E402
-from mtd_fast.train import _graph_phase, _rec_epoch, build_model, graph_side  # noqa: E402
+from mtd_fast.train import _graph_phase, _rec_epoch, build_model, dgi_step, graph_side  # noqa: E402
+
+from harness import data_dir, data_dir_or_skip  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("MTD_FAST_SHARED_DATA") or (PROJECT.parent / "shared" / "data"))
 PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "recbole_peer.py"
 SET = t4.settings_from_env(os.environ, PROJECT)
 REPORT = t4.Report(t4.settings_dict(SET), {})
@@ -162,12 +163,10 @@ def _session(request):
 def _load(key: str):
     if key == "synthetic":
         return load_dataset("synthetic", n_sessions=SET.synthetic_sessions, n_items=300, seed=SET.seed)
-    from mtd_fast.data.dataset import DATASETS
-
-    root = SHARED_DATA / DATASETS[key][0]
+    root = data_dir(key)
     if not root.exists():
         REPORT.add_dataset(key, status="skipped", reason=f"data not found at {root}")
-        pytest.skip(f"{key}: real data not found at {root} (the bench reads ../shared/data beside the project)")
+        data_dir_or_skip(key)
     return load_dataset(key, root=root)
 
 
@@ -391,16 +390,16 @@ def _mtd_graph_phase(benchmark, data):
     opt = torch.optim.Adam(params, lr=tcfg.lr)
     nodes = graph.torch_tensors(net.device)[4]
     h0 = net.item_emb.weight.detach()[nodes]  # E frozen during a phase, as in the trainer
-    value, _ = t4.dgi_step(net, graph, h0, opt, params, tcfg.l2)  # checked: finite loss ...
+    value, _ = dgi_step(net, graph, h0, opt, params, tcfg.l2)  # checked: finite loss ...
     rep = t4._grad_report(params)  # ... and the gradients of that step
     if not (math.isfinite(value) and rep["grads_finite"] and rep["grad_norm"] > 0):
         REPORT.add_graph(key, "failed", reason="DGI step check failed", **entry)
         pytest.fail(f"MTD DGI on {key}: loss {value}, {rep}")
     entry["check"] = {"loss": value, **rep}
     for _ in range(SET.warmup):
-        t4.dgi_step(net, graph, h0, opt, params, tcfg.l2)
+        dgi_step(net, graph, h0, opt, params, tcfg.l2)
     sink: list[float] = []
-    benchmark.pedantic(t4.timed(lambda: t4.dgi_step(net, graph, h0, opt, params, tcfg.l2), sink),
+    benchmark.pedantic(t4.timed(lambda: dgi_step(net, graph, h0, opt, params, tcfg.l2), sink),
                        rounds=SET.dgi_steps, iterations=1, warmup_rounds=0)
     a = np.asarray(sink)
     entry.update(timed_steps=int(a.size), median_step_s=float(np.median(a)), mean_step_s=float(a.mean()),

@@ -19,9 +19,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def worker(args) -> None:
@@ -35,14 +32,15 @@ def worker(args) -> None:
         td.init_process_group("gloo")
     import mtd_fast
     from mtd_fast import MTDConfig, TrainConfig, ops
-    from mtd_fast.data.dataset import DATASETS
     from mtd_fast.distributed import Dist
+
+    from harness import data_dir
 
     tr = sys.modules["mtd_fast.train"]
     if args.dataset == "synthetic":
         ds = mtd_fast.load_dataset("synthetic", n_sessions=20000, n_items=5000)
     else:
-        ds = mtd_fast.load_dataset(args.dataset, root=DATA / DATASETS[args.dataset][0])
+        ds = mtd_fast.load_dataset(args.dataset, root=data_dir(args.dataset))
     tcfg = TrainConfig(graph_steps=args.steps, graph_patience=args.steps)
     dist = Dist()
     run = tr._Run(ds, "mtd", 1, 0, "auto", True, MTDConfig(), tcfg, dist, None, False, "")

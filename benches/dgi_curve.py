@@ -10,17 +10,15 @@ It shows where the spec's graph_patience=10 stops a phase: on the early plateau 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 import torch
 
 import mtd_fast
 from mtd_fast import MTD, MTDConfig, ops
-from mtd_fast.data.dataset import DATASETS
 from mtd_fast.train import dgi_step
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from harness import data_dir
 
 
 def main() -> None:
@@ -32,7 +30,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    ds = mtd_fast.load_dataset(args.dataset, root=DATA / DATASETS[args.dataset][0])
+    ds = mtd_fast.load_dataset(args.dataset, root=data_dir(args.dataset))
     graph = ops.global_graph(ds.train_sessions, ds.n_items)
     torch.manual_seed(args.seed)
     model = MTD(ds.n_items, MTDConfig())

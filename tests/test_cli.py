@@ -5,11 +5,9 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from mtd_fast.cli import main
 
-from conftest import shared_path
+from testing import shared_path
 
 SMALL = ["--n-sessions", "400", "--n-items", "60", "--hidden-size", "16", "--graph-mode", "overwrite",
          "--graph-steps", "5", "--quiet"]

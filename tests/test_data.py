@@ -7,11 +7,19 @@ import pickle
 import numpy as np
 import pytest
 
-import mtd_fast
-from mtd_fast.data import (DataError, Dataset, Samples, Sessions, expand_samples, load_dataset, pad_batch,
-                           read_samples, read_sessions, write_pickle_layout)
+from mtd_fast.data import (
+    DataError,
+    Samples,
+    Sessions,
+    expand_samples,
+    load_dataset,
+    pad_batch,
+    read_samples,
+    read_sessions,
+    write_pickle_layout,
+)
 
-from conftest import shared_path
+from testing import shared_path
 
 
 def sr_gnn_rule(seqs, min_prefix=1):

@@ -19,12 +19,12 @@ import pytest
 from mtd_fast.data import Sessions, load_dataset, pad_batch
 from mtd_fast.graph import GlobalGraph, SessionGraphs, global_graph_ref, session_graphs_ref
 
+from testing import shared_path
+
 pytest.importorskip("numba", reason="numba is not installed: the numba backend is unavailable")
 gn = pytest.importorskip("mtd_fast.graph.numba", reason="mtd_fast.graph.numba failed to import")
 
 PROJECT = Path(__file__).resolve().parents[1]
-SHARED_DATA = PROJECT.parent / "shared" / "data"
-DIGINETICA = SHARED_DATA / "diginetica"
 
 COMBOS = [(False, False), (False, True), (True, False), (True, True)]  # (directed, weighted)
 
@@ -184,9 +184,7 @@ def test_global_graph_through_ops_dispatch():
 
 @pytest.fixture(scope="module")
 def diginetica():
-    if not DIGINETICA.exists():
-        pytest.skip(f"real data not found at {DIGINETICA} (tests read it from ../shared/data)")
-    return load_dataset("diginetica", root=str(DIGINETICA))
+    return load_dataset("diginetica", root=shared_path("diginetica"))
 
 
 @pytest.mark.parametrize("directed,weighted", COMBOS)

@@ -8,9 +8,9 @@ import torch
 import mtd_fast
 from mtd_fast.data import Sessions
 from mtd_fast.graph import global_graph_ref, session_graphs_ref
-from mtd_fast.ops import spmm, spmm_ref
+from mtd_fast.ops import spmm
 
-from conftest import shared_path
+from testing import shared_path
 
 # sessions over items 1..7; item 6 only repeats itself (no edge), item 7 never occurs
 SESSIONS = Sessions.from_lists([[1, 2, 3], [2, 1], [3, 3, 4], [5], [6, 6], [2, 1, 2]])

@@ -1,6 +1,6 @@
 """Raw click logs -> Dataset (`mtd_fast.data.raw`): the SR-GNN preprocessing rules.
 
-Real files come from ../shared/data (skipped when absent); the formats with no real file here
+Real files come from the shared data folder (skipped when absent); the formats with no real file here
 (yoochoose-clicks.dat, Retailrocket events.csv) are checked on small handmade fixtures whose
 expected output is worked out by hand in the comments below.
 """
@@ -21,9 +21,11 @@ import mtd_fast.data as data_pkg
 from mtd_fast.data import DataError, load_dataset, raw
 from mtd_fast.data.raw import detect_format, preprocess, save_pickle_layout
 
+from testing import SHARED_DATA
+
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "fixtures"
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 DIGI_SAMPLE = DATA / "diginetica_sample_raw" / "sample_train-item-views.csv"
 TSV_DIR = DATA / "yoochoose_100k_sessionrec"
 TSV_TRAIN = TSV_DIR / "yoochoose-clicks-100k_train_full.txt"
@@ -486,7 +488,8 @@ def test_wrong_or_unknown_header(tmp_path):
     with pytest.raises(DataError, match=re.escape(f"{q}, line 1: unknown header 'session;user;item;timeframe;"
                                                   f"eventdate' for format 'diginetica'")):
         preprocess(q, "diginetica")
-    with pytest.raises(DataError, match=re.escape(f"{q}, line 1: unknown header") + ".*'yoochoose'; expected no header"):
+    with pytest.raises(DataError,
+                       match=re.escape(f"{q}, line 1: unknown header") + ".*'yoochoose'; expected no header"):
         preprocess(q, "yoochoose")
     with pytest.raises(DataError, match=re.escape(f"{RR_MINI}, line 1: unknown header") + ".*'yoochoose_tsv'"):
         preprocess(RR_MINI, "yoochoose_tsv")
@@ -520,7 +523,8 @@ def test_non_integer_ids(tmp_path):
                                                   f"integer")):
         preprocess(p)
     y = _write(tmp_path, "y.dat", "1,2014-04-07T10:51:09.277Z,214536502,0\n2,2014-04-07T10:52:09.277Z,,0\n")
-    with pytest.raises(DataError, match=re.escape(f"{y}, line 2, field 'item_id': '' is not a non-negative integer id")):
+    with pytest.raises(DataError,
+                       match=re.escape(f"{y}, line 2, field 'item_id': '' is not a non-negative integer id")):
         preprocess(y)
     r = _write(tmp_path, "r.csv", "timestamp,visitorid,event,itemid,transactionid\n"
                                   "1433116900000,5,view,201,\n1433116900000,5,view,20 1,\n")

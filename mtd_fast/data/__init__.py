@@ -1,5 +1,6 @@
 """Data: packed sessions, the SR-GNN pickle layout, raw-log preprocessing, synthetic data."""
-from .dataset import DATASETS, Dataset, DataWarning, load_dataset
+from .dataset import Dataset, DataWarning
+from .load import DATA_ENV, DATASETS, data_root, dataset_dir, load_dataset
 from .pickle_io import read_samples, read_sessions, safe_load_pickle, write_pickle_layout
 from .store import DataError, Samples, Sessions, expand_samples, iter_batches, pad_batch
 
@@ -11,6 +12,7 @@ def preprocess(*args, **kwargs):
     return _preprocess(*args, **kwargs)
 
 
-__all__ = ["DATASETS", "Dataset", "DataWarning", "load_dataset", "read_samples", "read_sessions", "safe_load_pickle",
+__all__ = ["DATASETS", "DATA_ENV", "data_root", "dataset_dir", "Dataset", "DataWarning", "load_dataset",
+           "read_samples", "read_sessions", "safe_load_pickle",
            "write_pickle_layout", "DataError", "Samples", "Sessions", "expand_samples", "iter_batches",
            "pad_batch", "preprocess"]

@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from ..metrics import METRIC_KEYS
-from .report import (ExperimentError, atomic_save, atomic_write_json, display_name, fmt_mean_sd, markdown_table,
-                     mean_sd)
+from .report import ExperimentError, atomic_save, atomic_write_json, display_name, fmt_mean_sd, markdown_table, mean_sd
 
 __all__ = ["RunSpec", "result_path", "run_all", "load_results", "merge_table", "merge_json", "validate_record",
-           "spec_mismatch", "load_spec_dataset", "dataset_part", "valid_at_best", "FORMAT", "FORMAT_VERSION", "TABLE_KEYS", "PUBLISHED", "group_records"]
+           "spec_mismatch", "load_spec_dataset", "dataset_part", "valid_at_best", "FORMAT", "FORMAT_VERSION",
+           "TABLE_KEYS", "PUBLISHED", "group_records"]
 
 log = logging.getLogger("mtd_fast")
 
@@ -222,7 +222,8 @@ def _make_record(spec: RunSpec, result, ds, stats: dict[str, Any], command: str,
         "epochs_run": len(result.history), "fraction": spec.fraction, "root": spec.root,
         "dataset_kwargs": spec.dataset_kwargs_dict, "dataset_rec_frequency": ds.rec_frequency,
         "overrides": spec.overrides_dict,
-        "model_config": dataclasses.asdict(result.model_config), "train_config": dataclasses.asdict(result.train_config),
+        "model_config": dataclasses.asdict(result.model_config),
+        "train_config": dataclasses.asdict(result.train_config),
         "history": result.history, "backends": result.backends, "stats": stats, "command": command,
         "commit": commit, "commit_dirty": dirty, "torch": torch.__version__, "machine": _machine(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "wall_seconds": wall,
@@ -325,19 +326,14 @@ def check_writable(folder: os.PathLike | str) -> Path:
 
 def check_data(spec: RunSpec) -> None:
     """Fail early on an unknown dataset name or a missing data folder (before any training)."""
-    from ..data import DATASETS, DataError
+    from ..data import DATASETS, DataError, dataset_dir
 
     if spec.dataset == "synthetic" or (spec.dataset is None and spec.root is None):
         return
     if spec.dataset is not None and spec.dataset not in DATASETS:
         raise DataError(f"unknown dataset {spec.dataset!r}: use one of {', '.join(['synthetic', *DATASETS])}, "
                         "or a data folder")
-    if spec.root is not None:
-        root = Path(spec.root)
-    elif os.environ.get("MTD_FAST_DATA"):
-        root = Path(os.environ["MTD_FAST_DATA"]) / DATASETS[spec.dataset][0]
-    else:
-        raise DataError(f"dataset {spec.dataset!r}: pass --data-dir (root=PATH) or set MTD_FAST_DATA")
+    root = Path(spec.root) if spec.root is not None else dataset_dir(spec.dataset)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder (dataset {spec.dataset_key!r})")
 
@@ -443,7 +439,7 @@ def run_all(specs: Sequence[RunSpec], out_dir: os.PathLike | str, *, quiet: bool
             check_data(s)
 
     records: dict[int, dict[str, Any]] = {}
-    for i, (s, why) in enumerate(zip(specs, todo)):
+    for i, why in enumerate(todo):
         if why is None:
             records[i] = _read(paths[i])[0]
     pending = [i for i, why in enumerate(todo) if why is not None]
