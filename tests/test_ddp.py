@@ -103,6 +103,19 @@ def test_resume_under_ddp_is_exact(tmp_path):
     assert r.returncode != 0 and "world_size: 2 in the run directory, 1 now" in r.stderr
 
 
+def test_replicated_graph_phase_equals_the_broadcast_one(tmp_path, monkeypatch):
+    """`MTD_FAST_DDP_GRAPH=replicate` (every rank computes the graph phase from rank 0's RNG
+    state) ends bit for bit where the default (rank 0 computes, then broadcasts) ends, on this
+    machine: same hardware and thread count on both ranks. dropout=0: the replicated path hands
+    rank 0's RNG state to rank 1, which would otherwise change rank 1's later dropout draws."""
+    opts = ["--option", "dropout=0.0", "--option", "graph_mode=overwrite"]
+    ok(launch(2, tmp_path / "broadcast.json", *opts))
+    monkeypatch.setenv("MTD_FAST_DDP_GRAPH", "replicate")
+    ok(launch(2, tmp_path / "replicate.json", *opts))
+    assert all(h["graph_loss"] is not None for h in json.loads((tmp_path / "replicate.json").read_text())["history"])
+    assert_same_run(tmp_path / "broadcast.json", tmp_path / "replicate.json")
+
+
 def test_batch_size_not_divisible_by_world_size(tmp_path):
     res = launch(2, tmp_path / "x.json", "--option", "batch_size=63")
     for r in res:

@@ -85,6 +85,27 @@ def test_corrupt_last_checkpoint_falls_back_to_best(tmp_path, reference):
     assert_same_run(reference["overwrite"], tmp_path / "resumed.json")
 
 
+def test_truncated_last_checkpoint_resumed_through_the_cli(tmp_path, reference):
+    """A checkpoint cut short (a disk filled mid-write by something other than our atomic
+    writer) is named and skipped for the best one; the resume goes through `mtd-fast train
+    --run-dir D --resume`, the command a user types, and ends where the uninterrupted run ends."""
+    rd = tmp_path / "run"
+    opt = ["--option", "graph_mode=overwrite"]
+    run(tmp_path / "dead.json", "--run-dir", str(rd), "--kill", "train_step:15", *opt, expect_kill=True)  # epoch 3
+    last = rd / "checkpoint_last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 3])
+    out = tmp_path / "cli.json"
+    cmd = [sys.executable, "-m", "mtd_fast", "train", "--dataset", "synthetic", "--n-sessions", "400",
+           "--n-items", "60", "--epochs", "3", "--seed", "0", "--hidden-size", "16", "--graph-mode", "overwrite",
+           "--graph-steps", "6", "--batch-size", "64", "--max-steps-per-epoch", "6", "--patience", "5",
+           "--quiet", "--run-dir", str(rd), "--resume", "--json", str(out)]  # 1 thread: ENV
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "checkpoint_last.pt" in r.stderr and "checkpoint_best.pt" in r.stderr
+    ref = json.loads(reference["overwrite"].read_text())
+    assert json.loads(out.read_text())["metrics"] == ref["metrics"]
+
+
 def test_run_directory_contents(reference):
     rd = reference["overwrite"].parent / "run_overwrite"
     rec = json.loads((rd / "run.json").read_text())
