@@ -111,7 +111,7 @@ def _rows(ds: dict[str, Any]) -> list[dict[str, Any]]:
             cell[f"{name} P@20 vs MTD-lo"] = "–" if b is None or v is None else f"{v - b:+.2f}"
         spread = [r[p]["P@20"]["sd"] for p in ("valid", "metrics") if r[p].get("P@20") and r[p]["P@20"]["sd"]]
         cell["sd"] = f"{max(spread):.2f}" if spread else "–"
-        cell["best epoch"] = ", ".join(str(e) for e in r["best_epoch"])
+        cell["best / run epochs"] = ", ".join(f"{b}/{n}" for b, n in zip(r["best_epoch"], r["epochs_run"]))
         cell["s/epoch"] = "–" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']:.0f}"
         out.append(cell)
     return out
@@ -139,7 +139,7 @@ def report(records: list[dict[str, Any]], study: Study) -> dict[str, Any]:
     merged = merge_json(records, list(VARIANTS))
     choice = select(merged)
     cols = ["variant", "what", "cosine", "valid P@20", "valid MRR@20", "valid P@20 vs MTD-lo", "test P@20",
-            "test MRR@20", "test P@20 vs MTD-lo", "sd", "seeds", "best epoch", "s/epoch"]
+            "test MRR@20", "test P@20 vs MTD-lo", "sd", "seeds", "best / run epochs", "s/epoch"]
     md = [f"# Graph integration study: {len(records)} runs", "",
           "Validation and test metrics (x100) at the epoch picked on validation, mean ± sample sd over seeds; "
           "'vs MTD-lo' is the difference to the no-graph model with the same scoring; 'sd' the larger seed-to-seed "
