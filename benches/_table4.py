@@ -252,7 +252,7 @@ def compare_dgi_backends(fast, ref, graph, seed: int) -> dict:
     """DGI loss and graph-side gradients, `fast` vs `ref`, same corruption permutation."""
     import torch
 
-    nodes = graph.torch_tensors(fast.device)[4]
+    nodes = graph.torch_tensors(fast.device).nodes
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(int(nodes.numel()), generator=gen).to(fast.device)
     losses = []
