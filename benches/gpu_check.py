@@ -64,9 +64,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 
 import mtd_fast  # noqa: E402
 from mtd_fast import ops  # noqa: E402
+from mtd_fast.ops.aggregate import aggregate_ref  # noqa: E402
 from mtd_fast.ops.linear_cross_entropy import linear_cross_entropy_ref  # noqa: E402
-from mtd_fast.ops.reference import aggregate_ref, session_attention_ref  # noqa: E402
-from mtd_fast.ops.sdpa import session_attention_sdpa  # noqa: E402
+from mtd_fast.ops.session_attention import session_attention_ref, session_attention_sdpa  # noqa: E402
 
 SMOKE = os.environ.get("MTD_GPU_CHECK_SMOKE") == "1"
 BATCH, DIM = (7, 16) if SMOKE else (512, 100)

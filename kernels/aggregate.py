@@ -5,7 +5,7 @@ For each session b with valid positions i < lengths[b] (pos_i = lengths[b] - i):
             = g . sigmoid(a * hp_i)        (mode "product", the authors' code)
     alpha   = softmax_i(e),                x_s = sum_i alpha_i h_i
     beta    = softmax_i(-gamma * pos_i),   p_s = sum_i beta_i h_i
-The truth is `mtd_fast.ops.reference.aggregate_ref`.
+The truth is `mtd_fast.ops.aggregate.aggregate_ref`.
 
 Design: one program per session streams its rows in chunks of BLOCK_L (a power of two,
 BLOCK_L * BLOCK_D <= 2048 elements, so d = 100 -> BLOCK_D = 128 and chunks of 16 rows;

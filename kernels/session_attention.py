@@ -4,7 +4,7 @@ The op: causal, key-padded scaled dot-product attention over left-aligned sessio
 heads splitting the last dimension, scale 1/sqrt(dim/num_heads), rows of padded queries
 exactly zero, and an optional external dropout mask (batch, heads, seq_len, seq_len),
 already scaled by 1/(1-p), multiplied into the weights after the softmax. The truth is
-`mtd_fast.ops.reference.session_attention_ref`; this file computes the same function.
+`mtd_fast.ops.session_attention.session_attention_ref`; this file computes the same function.
 
 Design (whole rows on chip, seq_len <= MAX_FUSED_LEN = 128): one program per (session,
 head) holds the session's whole BLOCK_L x BLOCK_L score matrix (BLOCK_L = next power of two
@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mtd_fast.ops.reference import session_attention_ref
+from mtd_fast.ops.session_attention import session_attention_ref
 
 __all__ = ["session_attention_triton", "SessionAttentionFunction", "session_attention_forward",
            "session_attention_backward", "MAX_FUSED_LEN", "MAX_FUSED_HEAD_DIM", "uses_fused_path"]

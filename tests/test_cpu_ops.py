@@ -1,4 +1,5 @@
-"""The length-bucketed CPU backend "packed" (`mtd_fast.ops.packed`) against the reference.
+"""The length-bucketed CPU backend "packed" (`mtd_fast.ops.session_attention`, `mtd_fast.ops.aggregate`)
+against the reference.
 
 Outputs and the gradient of every input with one upstream gradient, on awkward shapes
 (length-1 sessions, short sessions padded to long widths, odd lengths 19 and 50, prime
@@ -13,14 +14,19 @@ Tolerances (dtype, atol, rtol):
 """
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from _checks import assert_padded_rows_zero
 
 import mtd_fast.ops as ops
-import mtd_fast.ops.packed as packed
-from mtd_fast.ops.packed import aggregate_packed, length_buckets, session_attention_packed
-from mtd_fast.ops.reference import aggregate_ref, session_attention_ref
+from mtd_fast.ops.aggregate import aggregate_packed, aggregate_ref
+from mtd_fast.ops.session_attention import length_buckets, session_attention_packed, session_attention_ref
+
+# the op modules (the package attributes of the same names are the op functions)
+attention_mod = importlib.import_module("mtd_fast.ops.session_attention")
+aggregate_mod = importlib.import_module("mtd_fast.ops.aggregate")
 
 ATOL, RTOL = 2e-5, 1e-4
 
@@ -29,8 +35,8 @@ ATOL, RTOL = 2e-5, 1e-4
 def _always_packed(monkeypatch, request):
     # the shapes here are small: without this the size guard would send them to the reference
     if "size_guard" not in request.node.name:
-        monkeypatch.setattr(packed, "SMALL_ATTENTION", 0)
-        monkeypatch.setattr(packed, "SMALL_AGGREGATE", 0)
+        monkeypatch.setattr(attention_mod, "SMALL_ATTENTION", 0)
+        monkeypatch.setattr(aggregate_mod, "SMALL_AGGREGATE", 0)
 
 
 def _close(name, got, want):

@@ -52,8 +52,9 @@ from mtd_fast.kernels.session_attention import (  # noqa: E402
     session_attention_triton,
     uses_fused_path,
 )
+from mtd_fast.ops.aggregate import aggregate_ref  # noqa: E402
 from mtd_fast.ops.linear_cross_entropy import linear_cross_entropy_ref  # noqa: E402
-from mtd_fast.ops.reference import aggregate_ref, session_attention_ref  # noqa: E402
+from mtd_fast.ops.session_attention import session_attention_ref  # noqa: E402
 
 DEVICE = "cpu" if _INTERP else "cuda"
 TOL = {torch.float32: (2e-5, 1e-4)}

@@ -37,7 +37,7 @@ from torch import nn
 
 from .. import ops
 from ..config import MTDConfig
-from ..ops.reference import position_index
+from ..ops.common import position_index
 from .base import Batch, SessionModel
 from .layers import LN_EPS, Packing, SelfAttentionBlock, init_attention_encoder
 
