@@ -555,11 +555,11 @@ def test_gpu_check_script_runs_in_smoke_mode(tmp_path):
 def test_kernels_compile_for_sm90(tmp_path):
     # The interpreter cannot catch compile-time errors (loop-carried types, tl.dot shape rules,
     # shared-memory limits); Triton compiles to sm_90 cubin without a GPU (python -m
-    # mtd_fast.kernels._aot). Runs in a subprocess without TRITON_INTERPRET.
+    # mtd_fast.kernels.aot). Runs in a subprocess without TRITON_INTERPRET.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # cwd outside the checkout: `-m` puts the cwd on sys.path, and the checkout's source tree
     # has no mtd_fast.kernels (kernels/ is mapped there at install time)
-    res = subprocess.run([sys.executable, "-m", "mtd_fast.kernels._aot", "--quick"], env=env, cwd=tmp_path,
+    res = subprocess.run([sys.executable, "-m", "mtd_fast.kernels.aot", "--quick"], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "FAIL" not in res.stdout

@@ -7,7 +7,8 @@
   rows only (below);
 - `session_attention_sdpa`: through `F.scaled_dot_product_attention`, a peer for the benches,
   not a backend (below);
-- backend "triton" (`auto` on CUDA): `mtd_fast.kernels.session_attention`.
+- backend "triton" (`auto` on CUDA): `mtd_fast.kernels.session_attention` (whole rows) and
+  `mtd_fast.kernels.session_attention_tiled` (sessions longer than 128).
 
 Tests: tests/test_ops_ref.py, tests/test_cpu_ops.py, tests/test_triton_kernels.py. Benches: benches/bench_cpu_ops.py
 (CPU), benches/gpu_check.py (GPU).
