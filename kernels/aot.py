@@ -8,8 +8,8 @@ of loop-carried values, tl.dot shape rules (K >= 16), unsupported casts, and, th
 
 Run: `python -m mtd_fast.kernels.aot [arch]` (default 90 = H100/H200), WITHOUT
 TRITON_INTERPRET (under the interpreter `triton.jit` returns interpreted functions that
-cannot be compiled). tests/test_triton_kernels.py runs it in a subprocess. The
-specialisations are each kernel module's `aot_cases()`.
+cannot be compiled). tests/test_kernels.py runs it in a subprocess. The specialisations
+are each kernel module's `aot_cases()`.
 """
 from __future__ import annotations
 

@@ -11,8 +11,7 @@ section 2, steps 4-5), with every implementation of it.
   fwd+bwd, one thread): 2.1x (padded 20) and 3.9x (padded 50) faster than the reference;
 - backend "triton" (`auto` on CUDA): `mtd_fast.kernels.aggregate`.
 
-Tests: tests/test_ops_ref.py, tests/test_cpu_ops.py, tests/test_triton_kernels.py. Benches:
-benches/bench_cpu_ops.py (CPU), benches/gpu_check.py (GPU).
+Tests: tests/test_aggregate.py. Bench: benches/bench_cpu_ops.py (CPU), benches/gpu_check.py (GPU).
 """
 from __future__ import annotations
 

@@ -10,8 +10,8 @@
 - backend "triton" (`auto` on CUDA): `mtd_fast.kernels.session_attention` (whole rows) and
   `mtd_fast.kernels.session_attention_tiled` (sessions longer than 128).
 
-Tests: tests/test_ops_ref.py, tests/test_cpu_ops.py, tests/test_triton_kernels.py. Benches: benches/bench_cpu_ops.py
-(CPU), benches/gpu_check.py (GPU).
+Tests: tests/test_session_attention.py. Bench: benches/bench_cpu_ops.py (CPU),
+benches/gpu_check.py (GPU).
 
 The packed backend
 ------------------
