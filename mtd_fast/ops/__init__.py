@@ -13,7 +13,9 @@ backends (Triton kernels live in `mtd_fast.kernels`, one module per op too):
 `dispatch.py` holds the registry and the selection rules (an explicit `backend=`, then
 `$MTD_FAST_BACKEND`, then `auto`); `common.py` the checks and helpers the op modules share.
 Each op's module shares the op's name; the package attribute is the function
-(`mtd_fast.ops.spmm(...)`), so reach a module as `from mtd_fast.ops.spmm import spmm_ref`.
+(`mtd_fast.ops.spmm(...)`), so reach a module's names as `from mtd_fast.ops.spmm import
+spmm_ref`, and the module object itself as `importlib.import_module("mtd_fast.ops.spmm")`
+(`import mtd_fast.ops.spmm as m` would bind the function).
 """
 from __future__ import annotations
 
