@@ -1,7 +1,8 @@
 """What the kernel modules share: launch helpers (dot precision, dropout-mask arguments, the
-device check) and the two device functions both attention kernels use, plus the AOT
-signature helper of `aot.py`. Triton is imported here, so only the kernel modules import
-this module (`mtd_fast.kernels` itself imports nothing)."""
+device check) and the two device functions both attention kernels use, plus the helpers
+with which each kernel module's `aot_cases()` writes its signatures for `aot.py`. Triton is
+imported here, so only the kernel modules import this module (`mtd_fast.kernels` itself
+imports nothing)."""
 from __future__ import annotations
 
 from typing import Optional

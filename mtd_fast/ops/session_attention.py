@@ -115,11 +115,10 @@ def session_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, len
 # padded 20: min width 1 5.5/10.0, 4 5.5/9.7, 8 7.4/12.4; padded 50: 8.9/13.6, 8.1/12.8,
 # 11.2/17.5 (the reference: 13.7/21.7 and 78/100).
 _MIN_WIDTH = 4
-# Below these sizes the per-group overhead outweighs the padding saved and the reference
+# Below this size the per-group overhead outweighs the padding saved and the reference
 # runs instead (same function). One thread, Diginetica lengths, d 100, fwd+bwd ms,
-# reference vs packed: attention B x L = 16 x 8: 0.42 vs 0.74, 64 x 10: 1.05 vs 1.25,
-# 64 x 20: 1.87 vs 1.79, 128 x 20: 3.8 vs 2.8; aggregate 64 x 10: 0.52 vs 0.55,
-# 64 x 20: 1.03 vs 0.73.
+# reference vs packed: B x L = 16 x 8: 0.42 vs 0.74, 64 x 10: 1.05 vs 1.25,
+# 64 x 20: 1.87 vs 1.79, 128 x 20: 3.8 vs 2.8 (aggregate: SMALL_AGGREGATE in aggregate.py).
 SMALL_ATTENTION = 16384  # batch * seq_len**2
 
 
