@@ -8,7 +8,7 @@ gradient) before it is timed:
   with a boolean mask; it cannot take an external dropout mask, so a backend built on it
   would fall back to the reference whenever one is given), `compile` (torch.compile of the
   reference, dynamic=False, warm; compile time reported apart), `packed` (the length-
-  bucketed backend `mtd_fast.ops.packed`), and reference / packed with a dropout mask;
+  bucketed backend of `mtd_fast.ops.session_attention`), and reference / packed with a dropout mask;
 - aggregate: `reference`, `compile`, `packed`.
 
 Two ways to run it:
@@ -64,9 +64,8 @@ from typing import Callable
 
 import torch
 
-from mtd_fast.ops.packed import aggregate_packed, session_attention_packed
-from mtd_fast.ops.reference import aggregate_ref, session_attention_ref
-from mtd_fast.ops.sdpa import session_attention_sdpa
+from mtd_fast.ops.aggregate import aggregate_packed, aggregate_ref
+from mtd_fast.ops.session_attention import session_attention_packed, session_attention_ref, session_attention_sdpa
 
 SMOKE = os.environ.get("MTD_BENCH_SMOKE") == "1"
 BATCH = 48 if SMOKE else 512  # smoke: just above the packed size guards

@@ -4,7 +4,7 @@ backward, on the real Diginetica item graph (`MTD_SPEC.md` section 3: 42,884 nod
 
 Contenders, each checked against the float64 reference `spmm_ref` (output and input
 gradient, same upstream gradient) before it is timed:
-- cpp:        `mtd_fast.ops.cpp.spmm_cpp` (binary CSR + degree vector, normalization in
+- cpp:        `mtd_fast.ops.spmm_cpp.spmm_cpp` (binary CSR + degree vector, normalization in
               the product; symmetric graph, so backward is the same kernel, no transpose)
 - torch_csr:  `torch.sparse.mm` on a float32 CSR tensor of the normalized matrix
               (values precomputed once, not timed) with autograd for the backward
@@ -38,7 +38,7 @@ from mtd_fast.ops import spmm_ref
 from harness import data_dir_or_skip
 
 try:
-    from mtd_fast.ops.cpp import clear_transpose_cache, extension_info, spmm_cpp, transpose_cache_stats
+    from mtd_fast.ops.spmm_cpp import clear_transpose_cache, extension_info, spmm_cpp, transpose_cache_stats
 
     _WHY = ""
 except ImportError as exc:

@@ -388,7 +388,7 @@ def _mtd_graph_phase(benchmark, data):
     init_state = copy.deepcopy(net.state_dict())
     params = net.graph_parameters()
     opt = torch.optim.Adam(params, lr=tcfg.lr)
-    nodes = graph.torch_tensors(net.device)[4]
+    nodes = graph.torch_tensors(net.device).nodes
     h0 = net.item_emb.weight.detach()[nodes]  # E frozen during a phase, as in the trainer
     value, _ = dgi_step(net, graph, h0, opt, params, tcfg.l2)  # checked: finite loss ...
     rep = t4._grad_report(params)  # ... and the gradients of that step

@@ -15,8 +15,8 @@ under 5 minutes, most of it kernel compilation):
 1. correctness against the reference ops, outputs and every input gradient with one
    upstream gradient:
    - fp32: |fast - ref| <= atol + rtol |ref| with (atol, rtol) = (1e-4, 1e-4) (ieee dots,
-     batch-wide reductions of dg / dgamma over 25,600 terms; tighter tables live in
-     tests/test_triton_kernels.py for small shapes);
+     batch-wide reductions of dg / dgamma over 25,600 terms; a tighter table lives in
+     tests/testing.py, for the small shapes of the op tests);
    - bf16: max |fast_bf16 - ref_fp32| <= 2 max |ref_bf16 - ref_fp32| + 1e-5 (both against
      the fp32 reference; flash-attention's rule);
    on batch 512, lengths up to 50 (and the odd shapes: length 1, 19, heads 4, d 64);
@@ -39,7 +39,7 @@ under 5 minutes, most of it kernel compilation):
 Prints one table and writes JSON (meta, checks, timings, lce_timings, mtd_step).
 
 MTD_GPU_CHECK_SMOKE=1 with TRITON_INTERPRET=1 runs the same script on CPU tensors through
-the Triton interpreter at tiny sizes (no timing worth reading): tests/test_triton_kernels.py
+the Triton interpreter at tiny sizes (no timing worth reading): tests/test_kernels.py
 does that, so the script itself cannot rot without a GPU.
 """
 from __future__ import annotations
@@ -64,9 +64,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 
 import mtd_fast  # noqa: E402
 from mtd_fast import ops  # noqa: E402
+from mtd_fast.ops.aggregate import aggregate_ref  # noqa: E402
 from mtd_fast.ops.linear_cross_entropy import linear_cross_entropy_ref  # noqa: E402
-from mtd_fast.ops.reference import aggregate_ref, session_attention_ref  # noqa: E402
-from mtd_fast.ops.sdpa import session_attention_sdpa  # noqa: E402
+from mtd_fast.ops.session_attention import session_attention_ref, session_attention_sdpa  # noqa: E402
 
 SMOKE = os.environ.get("MTD_GPU_CHECK_SMOKE") == "1"
 BATCH, DIM = (7, 16) if SMOKE else (512, 100)

@@ -415,7 +415,7 @@ py::tuple csr_transpose(const py::object& indptr_o, const py::object& indices_o,
 }  // namespace
 
 PYBIND11_MODULE(_spmm_cpp, m) {
-  m.doc() = "CPU SpMM kernels of mtd_fast over NumPy buffers (use mtd_fast.ops.cpp for torch tensors)";
+  m.doc() = "CPU SpMM kernels of mtd_fast over NumPy buffers (use mtd_fast.ops.spmm_cpp for torch tensors)";
   m.def("spmm_norm", &spmm_norm, py::arg("indptr"), py::arg("indices"), py::arg("values"), py::arg("degrees"),
         py::arg("x"), py::arg("out") = py::none(), py::arg("norm") = "sym", py::arg("transposed") = false,
         py::arg("num_threads") = 0,

@@ -5,7 +5,7 @@ For each session b with valid positions i < lengths[b] (pos_i = lengths[b] - i):
             = g . sigmoid(a * hp_i)        (mode "product", the authors' code)
     alpha   = softmax_i(e),                x_s = sum_i alpha_i h_i
     beta    = softmax_i(-gamma * pos_i),   p_s = sum_i beta_i h_i
-The truth is `mtd_fast.ops.reference.aggregate_ref`.
+The truth is `mtd_fast.ops.aggregate.aggregate_ref`.
 
 Design: one program per session streams its rows in chunks of BLOCK_L (a power of two,
 BLOCK_L * BLOCK_D <= 2048 elements, so d = 100 -> BLOCK_D = 128 and chunks of 16 rows;
@@ -32,17 +32,18 @@ it requires one.
 """
 from __future__ import annotations
 
-import os
 from typing import Union
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["aggregate_triton", "AggregateFunction", "aggregate_forward", "aggregate_backward"]
+from .common import aot_signature, check_device
+
+__all__ = ["aggregate_triton", "AggregateFunction", "aggregate_forward", "aggregate_backward", "aot_cases"]
 
 # Elements of one BLOCK_L x BLOCK_D chunk. From `ptxas -v` on sm_90a (python -m
-# mtd_fast.kernels._aot), fp32, d = 100, L = 50, 8 warps: chunks of 64 x 128 spilled 216 B
+# mtd_fast.kernels.aot), fp32, d = 100, L = 50, 8 warps: chunks of 64 x 128 spilled 216 B
 # per thread in the backward, 32 x 128 124 B, 16 x 128 none (128 regs; forward 123 regs).
 _MAX_TILE = 2048
 
@@ -233,10 +234,6 @@ def _aggregate_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _blocks(seq_len: int, dim: int) -> tuple[int, int]:
     block_d = max(16, triton.next_power_of_2(dim))
     block_l = max(16, min(triton.next_power_of_2(max(seq_len, 1)), max(16, _MAX_TILE // block_d)))
@@ -374,9 +371,7 @@ def _check(h, hp, a, g, lengths, gamma, mode):
     for t in (hp, a, g):
         if t.device != h.device:
             raise ValueError("aggregate: h, hp, a, g must be on one device")
-    if h.device.type == "cpu" and not _interpreting():
-        raise RuntimeError("aggregate_triton: Triton runs CPU tensors only under TRITON_INTERPRET=1 "
-                           "(set before importing mtd_fast.kernels); use backend='reference' on the CPU")
+    check_device(h, "aggregate_triton", "packed")
 
 
 def aggregate_triton(h: torch.Tensor, hp: torch.Tensor, a: torch.Tensor, g: torch.Tensor, lengths: torch.Tensor,
@@ -388,3 +383,27 @@ def aggregate_triton(h: torch.Tensor, hp: torch.Tensor, a: torch.Tensor, g: torc
     if h.shape[1] == 0:
         raise ValueError("aggregate: seq_len 0 (an empty session is an input error)")
     return AggregateFunction.apply(h, hp, a, g, lengths, gamma, mode)
+
+
+def aot_cases(quick: bool = False):
+    """The specialisations `mtd_fast.kernels.aot` compiles: (name, kernel, signature, constexprs, warps)."""
+    ptr = ("H", "HP", "A", "G", "XS", "PS", "DXS", "DPS", "DH", "DHP", "DA")
+    f32 = ("LSE", "DG_PART", "DGAMMA_PART")
+    shapes = ((50, 100),) if quick else ((50, 100), (200, 100), (19, 64), (1, 100))
+    for dt in ("fp32", "bf16"):
+        for seq, d in shapes:
+            bl, bd = _blocks(seq, d)
+            for bwd in (False, True):
+                fn = _aggregate_bwd_kernel if bwd else _aggregate_fwd_kernel
+                for product in ((True,) if quick else (False, True)):
+                    for gptr in ((True,) if quick else (False, True)):
+                        sig = aot_signature(fn, {**{a: f"*{dt}" for a in ptr}, **{a: "*fp32" for a in f32},
+                                                 "LENS": "*i32", "GAMMA": "*fp32" if gptr else "fp32", "L": "i32",
+                                                 "D": "i32"})
+                        cx = {"BLOCK_L": bl, "BLOCK_D": bd, "NUM_CHUNKS": triton.cdiv(seq, bl),
+                              "PRODUCT": product, "GAMMA_IS_PTR": gptr}
+                        if bwd:
+                            cx.update({n: True for n in fn.arg_names if n.startswith("NEED_")})
+                        name = (f"agg_{'bwd' if bwd else 'fwd'} {dt} L={seq} d={d} "
+                                f"{'product' if product else 'additive'} gamma={'ptr' if gptr else 'float'}")
+                        yield name, fn, sig, cx, _num_warps(bl, bd)

@@ -19,7 +19,7 @@ Design (no logits in memory at all: each tile lives in registers):
   program, the dq partial is private; PyTorch sums the partials). Read-modify-write
   instead of register accumulators because fp32 `tl.dot` in "ieee" layouts costs far more
   registers than mma ones: whole 64 x 128 tiles spilled tens of KB per thread in the
-  attention kernels (`_aot` reports), dim chunks of 16 do not.
+  attention kernels (`aot` reports), dim chunks of 16 do not.
 So the kernel does four (B x M x D) products (forward, recomputed logits, dT, dq), like the
 "items" strategy of the chunked PyTorch backend, and needs O(B * splits) extra memory
 besides the gradients.
@@ -46,8 +46,10 @@ import triton.language as tl
 
 from mtd_fast.ops.linear_cross_entropy import check_inputs, linear_cross_entropy_chunked
 
+from .common import AOT_DTYPES, aot_signature, check_device, dot_precision
+
 __all__ = ["linear_cross_entropy_triton", "LinearCrossEntropyFunction", "linear_cross_entropy_forward",
-           "linear_cross_entropy_backward", "MAX_DIM", "uses_kernels"]
+           "linear_cross_entropy_backward", "MAX_DIM", "uses_kernels", "aot_cases"]
 
 MAX_DIM = 1024
 # programs to aim for: a few per SM of an H100/H200 (132 SMs), so the splits of a small
@@ -168,17 +170,7 @@ def _lce_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-# Block sizes from `ptxas -v` on sm_90a (`python -m mtd_fast.kernels._aot linear_cross_entropy`),
+# Block sizes from `ptxas -v` on sm_90a (`python -m mtd_fast.kernels.aot linear_cross_entropy`),
 # not from timings (no GPU was at hand): dim chunks of 16 (fp32) / 32 (bf16), as in the
 # attention kernels, keep the "ieee" fp32 dots free of spills.
 def _blocks(dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -216,7 +208,7 @@ def linear_cross_entropy_forward(q: torch.Tensor, table: torch.Tensor, targets: 
         q, table, targets, m_part, s_part, xt_part,
         *q.stride(), *table.stride(),
         b, m, d,
-        BLOCK_B=bb, BLOCK_N=bn, BLOCK_DK=bdk, NUM_DCHUNKS=nch, TILES=tiles, DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_B=bb, BLOCK_N=bn, BLOCK_DK=bdk, NUM_DCHUNKS=nch, TILES=tiles, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=_num_warps(),
     )
     mx = m_part.amax(0)
@@ -245,7 +237,7 @@ def linear_cross_entropy_backward(grad: torch.Tensor, q: torch.Tensor, table: to
         *q.stride(), *table.stride(),
         b, m, d,
         BLOCK_B=bb, BLOCK_N=bn, BLOCK_DK=bdk, NUM_DCHUNKS=nch, TILES=tiles, ROW_BLOCKS=triton.cdiv(b, bb),
-        DOT_PRECISION=_dot_precision(q.dtype), NEED_DQ=need_dq, NEED_DT=need_dt,
+        DOT_PRECISION=dot_precision(q.dtype), NEED_DQ=need_dq, NEED_DT=need_dt,
         num_warps=_num_warps(True, q.dtype),
     )
     dq = dq_part.sum(0).to(q.dtype) if need_dq else None
@@ -285,9 +277,31 @@ def linear_cross_entropy_triton(q: torch.Tensor, item_table: torch.Tensor, targe
     [0, M). `chunk_size` bounds only the chunked fallback's buffer: the kernels hold no
     logits in memory."""
     check_inputs(q, item_table, targets, chunk_size)
-    if q.device.type == "cpu" and not _interpreting():
-        raise RuntimeError("linear_cross_entropy_triton: Triton runs CPU tensors only under TRITON_INTERPRET=1 "
-                           "(set before importing mtd_fast.kernels); use backend='chunked' on the CPU")
+    check_device(q, "linear_cross_entropy_triton", "chunked")
     if not uses_kernels(q):
         return linear_cross_entropy_chunked(q, item_table, targets, chunk_size)
     return LinearCrossEntropyFunction.apply(q, item_table, targets)
+
+
+def aot_cases(quick: bool = False):
+    """The specialisations `mtd_fast.kernels.aot` compiles: (name, kernel, signature, constexprs, warps)."""
+    f32 = ("M_PART", "S_PART", "XT_PART", "LSE", "SCALE", "DT", "DQ_PART")
+    # (batch, M, dim): Diginetica at batch 512 (and its last, smaller batch), 1M items, odd dims
+    shapes = ((512, 43097, 100),) if quick else ((512, 43097, 100), (217, 43097, 100), (512, 1_000_000, 100),
+                                                 (512, 43097, 64), (64, 5000, 256), (3, 17, 8))
+    for dt in ("fp32", "bf16"):
+        tdt = AOT_DTYPES[dt]
+        for b, m, d in shapes:
+            bb, bn, bdk, nch = _blocks(d, tdt)
+            n_tiles = triton.cdiv(m, bn)
+            for bwd in (False, True):
+                fn = _lce_bwd_kernel if bwd else _lce_fwd_kernel
+                sig = aot_signature(fn, {"Q": f"*{dt}", "T": f"*{dt}", "TGT": "*i64", "B": "i32", "M": "i32",
+                                      "D": "i32", **{a: "*fp32" for a in f32}})
+                tiles = _tiles(n_tiles, 1 if bwd else triton.cdiv(b, bb))
+                cx = {"BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_DK": bdk, "NUM_DCHUNKS": nch, "TILES": tiles,
+                      "DOT_PRECISION": os.environ.get("AOT_PREC", "ieee") if dt == "fp32" else "ieee"}
+                if bwd:
+                    cx.update({"ROW_BLOCKS": triton.cdiv(b, bb), "NEED_DQ": True, "NEED_DT": True})
+                name = f"lce_{'bwd' if bwd else 'fwd'} {dt} B={b} M={m} d={d}"
+                yield name, fn, sig, cx, _num_warps(bwd, tdt)

@@ -4,7 +4,7 @@ The op: causal, key-padded scaled dot-product attention over left-aligned sessio
 heads splitting the last dimension, scale 1/sqrt(dim/num_heads), rows of padded queries
 exactly zero, and an optional external dropout mask (batch, heads, seq_len, seq_len),
 already scaled by 1/(1-p), multiplied into the weights after the softmax. The truth is
-`mtd_fast.ops.reference.session_attention_ref`; this file computes the same function.
+`mtd_fast.ops.session_attention.session_attention_ref`; this file computes the same function.
 
 Design (whole rows on chip, seq_len <= MAX_FUSED_LEN = 128): one program per (session,
 head) holds the session's whole BLOCK_L x BLOCK_L score matrix (BLOCK_L = next power of two
@@ -16,11 +16,8 @@ tens of KB per thread on sm_90 (see _blocks). Rows past the session are never lo
 Diginetica batches pad to 20-70, so this covers every batch of the paper's main data.
 
 Longer sessions (seq_len > MAX_FUSED_LEN = 128; Retailrocket batches pad to about 164,
-Yoochoose 1/64 sometimes to 145) run tiled kernels instead, flash-attention style: one
-program per (session, head, query tile of 16 rows) with an online softmax over key
-tiles, skipping tiles past the session or above the diagonal (a short session in a long
-batch costs one tile), and a backward split in a dK/dV kernel (per key tile) and a dQ
-kernel (per query tile), no atomics; the forward then also stores the row log-sum-exps.
+Yoochoose 1/64 sometimes to 145) run the tiled kernels of `session_attention_tiled`
+(flash-attention style); `session_attention_triton` here is the entry point of both.
 Sent to the reference path (plain PyTorch autograd, same function):
 - head_dim > MAX_FUSED_HEAD_DIM (128) (MTD uses 100 / heads);
 - float64 inputs (tl.dot has no fp64 path on every GPU; gradcheck uses this route).
@@ -47,31 +44,31 @@ import torch
 import triton
 import triton.language as tl
 
-from mtd_fast.ops.reference import session_attention_ref
+from mtd_fast.ops.session_attention import session_attention_ref
+
+from .common import (
+    AOT_DTYPES,
+    LOG2E,
+    aot_signature,
+    attention_arg_types,
+    check_device,
+    dot_precision,
+    dropout_ptrs,
+    lengths_i32,
+    mask_args,
+)
+from .session_attention_tiled import session_attention_backward_tiled, session_attention_forward_tiled
 
 __all__ = ["session_attention_triton", "SessionAttentionFunction", "session_attention_forward",
-           "session_attention_backward", "MAX_FUSED_LEN", "MAX_FUSED_HEAD_DIM", "uses_fused_path"]
+           "session_attention_backward", "MAX_FUSED_LEN", "MAX_FUSED_HEAD_DIM", "uses_fused_path", "aot_cases"]
 
 MAX_FUSED_LEN = 128
 MAX_FUSED_HEAD_DIM = 128
-_LOG2E = 1.4426950408889634
 
 
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def _load_rows(ptr, b, stride_b, stride_l, stride_d, offs_r, col, mask):
-    """The [rows, head columns] tile of one session of a (B, L, d) tensor, zeros outside `mask`."""
-    return tl.load(ptr + b * stride_b + offs_r[:, None] * stride_l + col[None, :] * stride_d, mask=mask, other=0.0)
-
-
-@triton.jit
-def _dropout_ptrs(DMASK, b, h, offs_m, offs_n, stride_mb, stride_mh, stride_mi, stride_mj):
-    """Pointers to the (query, key) block of one session's and head's dropout mask."""
-    return DMASK + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mi + offs_n[None, :] * stride_mj
-
-
 @triton.jit
 def _session_attention_scores(Q, K, q_off, k_off, offs_l, offs_c, seq_len, HEAD_DIM,
                               stride_ql, stride_qd, stride_kl, stride_kd,
@@ -136,7 +133,7 @@ def _session_attention_fwd_kernel(
     s = _session_attention_scores(Q, K, pid_b * stride_qb + head * stride_qd, pid_b * stride_kb + head * stride_kd,
                                   offs_l, offs_c, seq_len, HEAD_DIM, stride_ql, stride_qd, stride_kl, stride_kd,
                                   BLOCK_L, BLOCK_DK, NUM_DCHUNKS, DOT_PRECISION)
-    dm_ptrs = _dropout_ptrs(DMASK, pid_b, pid_h, offs_l, offs_l, stride_mb, stride_mh, stride_mi, stride_mj)
+    dm_ptrs = dropout_ptrs(DMASK, pid_b, pid_h, offs_l, offs_l, stride_mb, stride_mh, stride_mi, stride_mj)
     p, p_drop, dm = _session_attention_probs(s, seq_len, offs_l, dm_ptrs, qk_scale, HAS_DROPOUT)
     p_drop = p_drop.to(V.dtype.element_ty)
     v_base = V + pid_b * stride_vb + head * stride_vd
@@ -179,7 +176,7 @@ def _session_attention_bwd_kernel(
     s = _session_attention_scores(Q, K, pid_b * stride_qb + head * stride_qd, pid_b * stride_kb + head * stride_kd,
                                   offs_l, offs_c, seq_len, HEAD_DIM, stride_ql, stride_qd, stride_kl, stride_kd,
                                   BLOCK_L, BLOCK_DK, NUM_DCHUNKS, DOT_PRECISION)
-    dm_ptrs = _dropout_ptrs(DMASK, pid_b, pid_h, offs_l, offs_l, stride_mb, stride_mh, stride_mi, stride_mj)
+    dm_ptrs = dropout_ptrs(DMASK, pid_b, pid_h, offs_l, offs_l, stride_mb, stride_mh, stride_mi, stride_mj)
     p, p_drop, dm = _session_attention_probs(s, seq_len, offs_l, dm_ptrs, qk_scale, HAS_DROPOUT)
     p_drop_t = tl.trans(p_drop.to(DO.dtype.element_ty))
     do_base = DO + pid_b * stride_dob + head * stride_dod
@@ -226,193 +223,9 @@ def _session_attention_bwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# tiled kernels (seq_len > MAX_FUSED_LEN): flash-attention style, query / key tiles
-# --------------------------------------------------------------------------------------------
-@triton.jit
-def _session_attention_fwd_tiled_kernel(
-    Q, K, V, LENS, DMASK, O, LSE,
-    stride_qb, stride_ql, stride_qd,
-    stride_kb, stride_kl, stride_kd,
-    stride_vb, stride_vl, stride_vd,
-    stride_mb, stride_mh, stride_mi, stride_mj,
-    stride_ob, stride_ol, stride_od,
-    L, HEAD_DIM, NUM_HEADS, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_KTILES: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """One program = one (session, head, query tile); an online softmax over the key tiles
-    that hold an allowed key (j <= i < seq_len): tiles past the session or above the
-    diagonal are skipped, so a short session in a long batch costs one tile. Also stores
-    the row log-sum-exp (log2 domain, 0 on padded rows) for the backward."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_h = tl.program_id(1).to(tl.int64)
-    m0 = tl.program_id(2) * BLOCK_M
-    seq_len = tl.minimum(tl.load(LENS + pid_b).to(tl.int32), L)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    col = pid_h * HEAD_DIM + offs_d
-    col_ok = offs_d < HEAD_DIM
-    row_valid = offs_m < seq_len
-    q = _load_rows(Q, pid_b, stride_qb, stride_ql, stride_qd, offs_m, col, row_valid[:, None] & col_ok[None, :])
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # constexpr trip count (the interpreter cannot loop to a runtime bound); the branch skips
-    for t in range(NUM_KTILES):
-        n0 = t * BLOCK_N
-        if (n0 < seq_len) & (n0 < m0 + BLOCK_M):
-            offs_n = n0 + offs_n0
-            kv_ld = (offs_n < seq_len)[:, None] & col_ok[None, :]
-            k = _load_rows(K, pid_b, stride_kb, stride_kl, stride_kd, offs_n, col, kv_ld)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            allowed = (offs_n[None, :] <= offs_m[:, None]) & row_valid[:, None]
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
-            corr = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * corr + tl.sum(p, axis=1)
-            if HAS_DROPOUT:
-                dm_ptrs = _dropout_ptrs(DMASK, pid_b, pid_h, offs_m, offs_n, stride_mb, stride_mh, stride_mi, stride_mj)
-                p = p * tl.load(dm_ptrs, mask=allowed, other=0.0).to(tl.float32)
-            v = _load_rows(V, pid_b, stride_vb, stride_vl, stride_vd, offs_n, col, kv_ld)
-            acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
-    has = l_i > 0.0  # valid rows (key 0 is always allowed for them)
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
-    tl.store(O + pid_b * stride_ob + offs_m[:, None] * stride_ol + col[None, :] * stride_od,
-             o.to(O.dtype.element_ty), mask=(offs_m < L)[:, None] & col_ok[None, :])
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), 0.0)
-    tl.store(LSE + (pid_b * NUM_HEADS + pid_h) * L + offs_m, lse, mask=offs_m < L)
-
-
-@triton.jit
-def _session_attention_tile_grads(q, k, v, do, lse, delta, offs_m, offs_n, seq_len, mask_ptrs, qk_scale, sm_scale,
-                                  HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """For one (query tile, key tile): Pd = P * M and dS = P * (dP - delta) * scale."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < seq_len)
-    p = tl.exp2(tl.where(allowed, s - lse[:, None], float("-inf")))  # masked before exp2: no overflow
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    if HAS_DROPOUT:
-        m = tl.load(mask_ptrs, mask=allowed, other=0.0).to(tl.float32)
-        pd = p * m
-        dp = dp * m
-    else:
-        pd = p
-    ds = p * (dp - delta[:, None]) * sm_scale
-    return pd, ds
-
-
-@triton.jit
-def _session_attention_bwd_dkdv_tiled_kernel(
-    Q, K, V, LENS, DMASK, DO, LSE, DELTA, DK, DV,
-    stride_qb, stride_ql, stride_qd,
-    stride_kb, stride_kl, stride_kd,
-    stride_vb, stride_vl, stride_vd,
-    stride_mb, stride_mh, stride_mi, stride_mj,
-    stride_dob, stride_dol, stride_dod,
-    stride_gb, stride_gl, stride_gd,
-    L, HEAD_DIM, NUM_HEADS, qk_scale, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_QTILES: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
-):
-    """One program = one (session, head, key tile): dV = sum_i Pd^T dO, dK = sum_i dS^T Q over
-    the query tiles at or below the diagonal and inside the session."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_h = tl.program_id(1).to(tl.int64)
-    n0 = tl.program_id(2) * BLOCK_N
-    seq_len = tl.minimum(tl.load(LENS + pid_b).to(tl.int32), L)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    col = pid_h * HEAD_DIM + offs_d
-    col_ok = offs_d < HEAD_DIM
-    kv_ld = (offs_n < seq_len)[:, None] & col_ok[None, :]
-    k = _load_rows(K, pid_b, stride_kb, stride_kl, stride_kd, offs_n, col, kv_ld)
-    v = _load_rows(V, pid_b, stride_vb, stride_vl, stride_vd, offs_n, col, kv_ld)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    row_base = (pid_b * NUM_HEADS + pid_h) * L
-    for t in range(NUM_QTILES):
-        m0 = t * BLOCK_M
-        if (n0 < seq_len) & (m0 < seq_len) & (m0 + BLOCK_M > n0):
-            offs_m = m0 + offs_m0
-            q_ld = (offs_m < seq_len)[:, None] & col_ok[None, :]
-            q = _load_rows(Q, pid_b, stride_qb, stride_ql, stride_qd, offs_m, col, q_ld)
-            do = _load_rows(DO, pid_b, stride_dob, stride_dol, stride_dod, offs_m, col, q_ld)
-            lse = tl.load(LSE + row_base + offs_m, mask=offs_m < L, other=0.0)
-            delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < L, other=0.0)
-            mask_ptrs = _dropout_ptrs(DMASK, pid_b, pid_h, offs_m, offs_n, stride_mb, stride_mh, stride_mi, stride_mj)
-            pd, ds = _session_attention_tile_grads(q, k, v, do, lse, delta, offs_m, offs_n, seq_len, mask_ptrs,
-                                                   qk_scale, sm_scale, HAS_DROPOUT, DOT_PRECISION)
-            if NEED_DV:
-                dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            if NEED_DK:
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-    st = (offs_n < L)[:, None] & col_ok[None, :]
-    g_off = pid_b * stride_gb + offs_n[:, None] * stride_gl + col[None, :] * stride_gd
-    if NEED_DK:
-        tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=st)
-    if NEED_DV:
-        tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=st)
-
-
-@triton.jit
-def _session_attention_bwd_dq_tiled_kernel(
-    Q, K, V, LENS, DMASK, DO, LSE, DELTA, DQ,
-    stride_qb, stride_ql, stride_qd,
-    stride_kb, stride_kl, stride_kd,
-    stride_vb, stride_vl, stride_vd,
-    stride_mb, stride_mh, stride_mi, stride_mj,
-    stride_dob, stride_dol, stride_dod,
-    stride_gb, stride_gl, stride_gd,
-    L, HEAD_DIM, NUM_HEADS, qk_scale, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_KTILES: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """One program = one (session, head, query tile): dQ = sum_j dS K (no atomics: the key
-    loop is repeated here rather than sharing the dK/dV kernel's)."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_h = tl.program_id(1).to(tl.int64)
-    m0 = tl.program_id(2) * BLOCK_M
-    seq_len = tl.minimum(tl.load(LENS + pid_b).to(tl.int32), L)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    col = pid_h * HEAD_DIM + offs_d
-    col_ok = offs_d < HEAD_DIM
-    q_ld = (offs_m < seq_len)[:, None] & col_ok[None, :]
-    q = _load_rows(Q, pid_b, stride_qb, stride_ql, stride_qd, offs_m, col, q_ld)
-    do = _load_rows(DO, pid_b, stride_dob, stride_dol, stride_dod, offs_m, col, q_ld)
-    row_base = (pid_b * NUM_HEADS + pid_h) * L
-    lse = tl.load(LSE + row_base + offs_m, mask=offs_m < L, other=0.0)
-    delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < L, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for t in range(NUM_KTILES):
-        n0 = t * BLOCK_N
-        if (n0 < seq_len) & (m0 < seq_len) & (n0 < m0 + BLOCK_M):
-            offs_n = n0 + offs_n0
-            kv_ld = (offs_n < seq_len)[:, None] & col_ok[None, :]
-            k = _load_rows(K, pid_b, stride_kb, stride_kl, stride_kd, offs_n, col, kv_ld)
-            v = _load_rows(V, pid_b, stride_vb, stride_vl, stride_vd, offs_n, col, kv_ld)
-            mask_ptrs = _dropout_ptrs(DMASK, pid_b, pid_h, offs_m, offs_n, stride_mb, stride_mh, stride_mi, stride_mj)
-            pd, ds = _session_attention_tile_grads(q, k, v, do, lse, delta, offs_m, offs_n, seq_len, mask_ptrs,
-                                                   qk_scale, sm_scale, HAS_DROPOUT, DOT_PRECISION)
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    tl.store(DQ + pid_b * stride_gb + offs_m[:, None] * stride_gl + col[None, :] * stride_gd,
-             dq.to(DQ.dtype.element_ty), mask=(offs_m < L)[:, None] & col_ok[None, :])
-
-
-# --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-# Block sizes and warps come from `ptxas -v` on sm_90a (`python -m mtd_fast.kernels._aot`),
+# Block sizes and warps come from `ptxas -v` on sm_90a (`python -m mtd_fast.kernels.aot`),
 # not from timings (no GPU was at hand). Not autotuned: @triton.autotune with several
 # configs fails under the interpreter the tests use. Measured (L = 50, head dim 100, dropout):
 # - fp32 runs tl.dot in "ieee" (FMA) layouts, which cost far more registers than mma:
@@ -439,23 +252,6 @@ def _num_warps(block_l: int, backward: bool, dtype: torch.dtype = torch.float32)
     return 16 if fp32 else 8
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-def _lengths_i32(lengths: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return lengths.to(device=device, dtype=torch.int32).contiguous()
-
-
-def _mask_args(dropout_mask: Optional[torch.Tensor], b: int, h: int, L: int, like: torch.Tensor):
-    if dropout_mask is None:
-        return like, (0, 0, 0, 0)  # never read (HAS_DROPOUT=False)
-    m = dropout_mask.expand(b, h, L, L)  # broadcasting (e.g. (B, 1, L, L)) via stride 0
-    return m, tuple(m.stride())
-
-
 def session_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
                               num_heads: int = 1, dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Launch the forward kernel. q, k, v: (batch, seq_len, dim) of one dtype, any strides;
@@ -467,14 +263,14 @@ def session_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if b == 0 or L == 0:
         return out.zero_()
     block_l, block_dk, n_chunks = _blocks(L, hd, q.dtype)
-    m, ms = _mask_args(dropout_mask, b, num_heads, L, q)
+    m, ms = mask_args(dropout_mask, b, num_heads, L, q)
     sm_scale = 1.0 / math.sqrt(hd)
     _session_attention_fwd_kernel[(b, num_heads)](
         q, k, v, lengths, m, out,
         *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
-        L, hd, sm_scale * _LOG2E,
+        L, hd, sm_scale * LOG2E,
         BLOCK_L=block_l, BLOCK_DK=block_dk, NUM_DCHUNKS=n_chunks, HAS_DROPOUT=dropout_mask is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=_num_warps(block_l, False, q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=_num_warps(block_l, False, q.dtype),
     )
     return out
 
@@ -492,79 +288,19 @@ def session_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Ten
     if b == 0 or L == 0:
         return tuple(g.zero_() if g is not None else None for g in grads)
     block_l, block_dk, n_chunks = _blocks(L, hd, q.dtype)
-    m, ms = _mask_args(dropout_mask, b, num_heads, L, q)
+    m, ms = mask_args(dropout_mask, b, num_heads, L, q)
     dummy = next(g for g in grads if g is not None)
     dq, dk, dv = (g if g is not None else dummy for g in grads)
     sm_scale = 1.0 / math.sqrt(hd)
     _session_attention_bwd_kernel[(b, num_heads)](
         q, k, v, lengths, m, dout, dq, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *ms, *dout.stride(), *dummy.stride(),
-        L, hd, sm_scale * _LOG2E, sm_scale,
+        L, hd, sm_scale * LOG2E, sm_scale,
         BLOCK_L=block_l, BLOCK_DK=block_dk, NUM_DCHUNKS=n_chunks, HAS_DROPOUT=dropout_mask is not None,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype),
         NEED_DQ=need[0], NEED_DK=need[1], NEED_DV=need[2],
         num_warps=_num_warps(block_l, True, q.dtype),
     )
-    return tuple(grads)
-
-
-def _tiled_blocks(seq_len: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M = BLOCK_N, BLOCK_D, tiles in the loop, warps) of the tiled path.
-
-    Tiles of 16 rows at 4 warps: `ptxas -v` on sm_90a, head dim 100 (BLOCK_D 128), dropout:
-    no spill in any of the three kernels, fp32 (185-255 regs) or bf16 (233-255); tiles of
-    32 spilled in bf16 (dK/dV kernel 7.8 KB at 4 warps, 44 B at 8). Small tiles also skip
-    the most work: sessions average 4-7 items. The loop's trip count is
-    cdiv(next_pow2(seq_len), 16): one compiled specialisation per power of two of the width
-    (129-256, 257-512, ...), not one per width; skipped tiles cost a branch."""
-    block = 16
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    return block, block_d, triton.cdiv(triton.next_power_of_2(seq_len), block), 4
-
-
-def _session_attention_forward_tiled(q, k, v, lengths, num_heads, dropout_mask):
-    b, L, d = q.shape
-    hd = d // num_heads
-    out = torch.empty((b, L, d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, num_heads, L), dtype=torch.float32, device=q.device)
-    block, block_d, n_tiles, warps = _tiled_blocks(L, hd, q.dtype)
-    m, ms = _mask_args(dropout_mask, b, num_heads, L, q)
-    sm_scale = 1.0 / math.sqrt(hd)
-    _session_attention_fwd_tiled_kernel[(b, num_heads, triton.cdiv(L, block))](
-        q, k, v, lengths, m, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
-        L, hd, num_heads, sm_scale * _LOG2E,
-        BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, NUM_KTILES=n_tiles,
-        HAS_DROPOUT=dropout_mask is not None, DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps,
-    )
-    return out, lse
-
-
-def _session_attention_backward_tiled(dout, q, k, v, lengths, num_heads, dropout_mask, out, lse, need):
-    b, L, d = q.shape
-    hd = d // num_heads
-    grads = [torch.empty((b, L, d), dtype=t.dtype, device=q.device) if n else None for t, n in zip((q, k, v), need)]
-    if not any(need):
-        return tuple(grads)
-    # delta_i = rowsum(dO_i * O_i) per head (= rowsum(P * dP): the softmax Jacobian's rank-1 term)
-    delta = (dout.float() * out.float()).reshape(b, L, num_heads, hd).sum(-1).transpose(1, 2).contiguous()
-    block, block_d, n_tiles, warps = _tiled_blocks(L, hd, q.dtype)
-    m, ms = _mask_args(dropout_mask, b, num_heads, L, q)
-    sm_scale = 1.0 / math.sqrt(hd)
-    dummy = next(g for g in grads if g is not None)
-    dq, dk, dv = (g if g is not None else dummy for g in grads)
-    common = dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, HAS_DROPOUT=dropout_mask is not None,
-                  DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps)
-    args = (*q.stride(), *k.stride(), *v.stride(), *ms, *dout.stride(), *dummy.stride(),
-            L, hd, num_heads, sm_scale * _LOG2E, sm_scale)
-    grid = (b, num_heads, triton.cdiv(L, block))
-    if need[1] or need[2]:
-        _session_attention_bwd_dkdv_tiled_kernel[grid](
-            q, k, v, lengths, m, dout, lse, delta, dk, dv, *args,
-            NUM_QTILES=n_tiles, NEED_DK=need[1], NEED_DV=need[2], **common)
-    if need[0]:
-        _session_attention_bwd_dq_tiled_kernel[grid](
-            q, k, v, lengths, m, dout, lse, delta, dq, *args, NUM_KTILES=n_tiles, **common)
     return tuple(grads)
 
 
@@ -578,11 +314,11 @@ class SessionAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, lengths, num_heads, dropout_mask):
-        lens = _lengths_i32(lengths, q.device)
+        lens = lengths_i32(lengths, q.device)
         ctx.tiled = q.shape[1] > MAX_FUSED_LEN
         ctx.num_heads = num_heads
         if ctx.tiled:
-            out, lse = _session_attention_forward_tiled(q, k, v, lens, num_heads, dropout_mask)
+            out, lse = session_attention_forward_tiled(q, k, v, lens, num_heads, dropout_mask)
             ctx.save_for_backward(q, k, v, lens, dropout_mask, out, lse)
         else:
             out = session_attention_forward(q, k, v, lens, num_heads, dropout_mask)
@@ -594,7 +330,7 @@ class SessionAttentionFunction(torch.autograd.Function):
         need = tuple(ctx.needs_input_grad[:3])
         if ctx.tiled:
             q, k, v, lens, dropout_mask, out, lse = ctx.saved_tensors
-            dq, dk, dv = _session_attention_backward_tiled(dout, q, k, v, lens, ctx.num_heads, dropout_mask,
+            dq, dk, dv = session_attention_backward_tiled(dout, q, k, v, lens, ctx.num_heads, dropout_mask,
                                                            out, lse, need)
         else:
             q, k, v, lens, dropout_mask = ctx.saved_tensors
@@ -633,9 +369,7 @@ def _check(q, k, v, lengths, num_heads, dropout_mask):
                              f"{(b, num_heads, L, L)}, got {tuple(dropout_mask.shape)}")
         if dropout_mask.device != q.device:
             raise ValueError("session_attention: dropout_mask must be on q's device")
-    if q.device.type == "cpu" and not _interpreting():
-        raise RuntimeError("session_attention_triton: Triton runs CPU tensors only under TRITON_INTERPRET=1 "
-                           "(set before importing mtd_fast.kernels); use backend='reference' or 'packed' on the CPU")
+    check_device(q, "session_attention_triton", "packed")
 
 
 def session_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
@@ -650,3 +384,22 @@ def session_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if dropout_mask is not None and dropout_mask.dtype == torch.bool:
         dropout_mask = dropout_mask.to(q.dtype)
     return SessionAttentionFunction.apply(q, k, v, lengths, num_heads, dropout_mask)
+
+
+def aot_cases(quick: bool = False):
+    """The specialisations `mtd_fast.kernels.aot` compiles: (name, kernel, signature, constexprs, warps)."""
+    shapes = ((50, 100),) if quick else ((50, 100), (20, 100), (128, 128), (50, 25), (16, 8), (1, 100))
+    for dt in ("fp32", "bf16"):
+        tdt = AOT_DTYPES[dt]
+        for seq, hd in shapes:
+            bl, bdk, nch = _blocks(seq, hd, tdt)
+            for bwd in (False, True):
+                fn = _session_attention_bwd_kernel if bwd else _session_attention_fwd_kernel
+                sig = aot_signature(fn, attention_arg_types(dt))
+                for drop in ((True,) if quick else (False, True)):
+                    cx = {"BLOCK_L": bl, "BLOCK_DK": bdk, "NUM_DCHUNKS": nch, "HAS_DROPOUT": drop,
+                          "DOT_PRECISION": os.environ.get("AOT_PREC", "ieee")}
+                    if bwd:
+                        cx.update({"NEED_DQ": True, "NEED_DK": True, "NEED_DV": True})
+                    name = f"attn_{'bwd' if bwd else 'fwd'} {dt} L={seq} hd={hd} drop={drop}"
+                    yield name, fn, sig, cx, _num_warps(bl, bwd, tdt)

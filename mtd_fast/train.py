@@ -268,7 +268,7 @@ def _graph_phase(net, graph, opt: torch.optim.Optimizer, cfg: TrainConfig, quiet
     t0 = time.perf_counter()
     params = net.graph_parameters()
     best_loss, best_h, bad, steps = math.inf, None, 0, 0
-    nodes = graph.torch_tensors(net.device)[4]
+    nodes = graph.torch_tensors(net.device).nodes
     h0 = net.item_emb.weight.detach()[nodes]  # E frozen during the phase
     net.train()
     for _ in _progress(range(cfg.graph_steps), cfg.graph_steps, f"graph phase {phase}", quiet):

@@ -12,7 +12,7 @@ import torch
 
 import mtd_fast
 from mtd_fast import ops
-from mtd_fast.ops.reference import spmm_ref
+from mtd_fast.ops.spmm import spmm_ref
 
 from test_resume import DRIVER, assert_same_run
 
@@ -40,7 +40,7 @@ def _product_and_grads(fn, g, x, up, norm):
 def _backends():
     out = [("reference", spmm_ref)]
     if "cpp" in mtd_fast.available_backends()["spmm"]:
-        from mtd_fast.ops.cpp import spmm_cpp
+        from mtd_fast.ops.spmm_cpp import spmm_cpp
 
         out.append(("cpp", spmm_cpp))
     return out

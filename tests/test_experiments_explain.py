@@ -10,7 +10,7 @@ import torch
 from mtd_fast import MTD, MTDConfig
 from mtd_fast.data import DataError, Sessions
 from mtd_fast.models.explain import attention_weights
-from mtd_fast.ops.reference import session_attention_ref
+from mtd_fast.ops.session_attention import session_attention_ref
 
 SESSIONS = [[3], [5, 5, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [30, 1]]  # 12 > d / heads = 4 key columns
 

@@ -1,5 +1,5 @@
-"""`mtd_fast.ops.linear_cross_entropy` (CPU backends) against the eager formula, and every
-model's training loss going through it.
+"""`mtd_fast.ops.linear_cross_entropy` (the chunked backend, and the Triton one where it
+runs) against the eager formula, and every model's training loss going through it.
 
 - loss and both gradients equal `F.cross_entropy(q @ T.T, t)` and its autograd, fp32 to
   ~1e-6 relative (float64 to 1e-12), both chunk strategies, many chunk sizes (one row /
@@ -8,7 +8,11 @@ model's training loss going through it.
 - no (batch, M) tensor is ever created (a dispatch mode records every aten output);
 - bad input raises naming the problem; dispatch lists the op and honours its rules;
 - each baseline with `score_parts` has the same loss and gradients through the op as
-  through its full scores; GRU4Rec's [h, 1] . [W | b] equals its old h W^T + b.
+  through its full scores; GRU4Rec's [h, 1] . [W | b] equals its old h W^T + b;
+- Triton (`mtd_fast.kernels.linear_cross_entropy`; CUDA, or the CPU under
+  TRITON_INTERPRET=1; the `triton` marker): loss and both gradients against the eager
+  reference (several tiles per program, row blocks, partial gradients, the float64
+  fallback), strict dispatch, MTD's loss through the kernel.
 
 Tolerances (fp32): the chunked sums run in another order than eager's (per-chunk
 partial sums of the softmax and of the table gradient): measured max error <= 4e-7 of
@@ -16,7 +20,8 @@ the largest entry at these sizes (1e-6 at 43k items, 3e-6 at 1M in the bench). T
 here is 2e-6 of the largest entry; with logits of ~200, where fp32 itself errs by ulps of
 200, the chunked error against float64 must be at most twice eager fp32's own. Model-level
 parameter gradients (through the encoders): 1e-4 of the largest entry, the project's
-model-level fp32 bound.
+model-level fp32 bound. Triton: the op-level fp32 row of the table in testing.py (atol
+2e-5, rtol 1e-4); MTD's loss and gradients through the kernel 1e-5 / 1e-4.
 """
 from __future__ import annotations
 
@@ -41,6 +46,8 @@ from mtd_fast.ops.linear_cross_entropy import (
 )
 from mtd_fast.train import build_model
 
+from testing import MODEL_TOL, TRITON_DEVICE, assert_close, triton_only
+
 FP32_REL = 2e-6
 
 
@@ -53,12 +60,13 @@ def _inputs(b, m, d, seed, dtype=torch.float32, scale=1.0):
 
 
 def _run(fn, q, t, y, grad=None, need=(True, True)):
+    """(loss, dq, dT); the loss keeps its grad_fn (the backend's autograd Function)."""
     qa = q.clone().requires_grad_(need[0])
     ta = t.clone().requires_grad_(need[1])
     loss = fn(qa, ta, y)
     if need[0] or need[1]:
         loss.backward(grad)
-    return loss.detach(), qa.grad, ta.grad
+    return loss, qa.grad, ta.grad
 
 
 def _close_rel(name, got, want, rel):
@@ -255,6 +263,95 @@ def test_strict_triton_request_raises_on_cpu():
         linear_cross_entropy(q, t, y, backend={"linear_cross_entropy": "triton"})
 
 
+# ---- triton --------------------------------------------------------------------------------
+
+def _triton_inputs(b, m, d, seed):
+    """q, T, targets on Triton's device and an upstream gradient != 1."""
+    q, t, y = (x.to(TRITON_DEVICE) for x in _inputs(b, m, d, seed))
+    return q, t, y, torch.tensor(0.7, device=TRITON_DEVICE)
+
+
+TRITON_CASES = [
+    # (batch, M, dim, target programs): the last column forces several tiles per program
+    pytest.param(5, 37, 20, None, id="B5-M37-d20"),  # one tile, padded rows and columns
+    pytest.param(7, 130, 100, None, id="B7-M130-d100"),  # 3 tiles -> 3 splits / programs, 7 dim chunks
+    pytest.param(7, 130, 100, 1, id="B7-M130-d100-tiles4"),  # one program looping over 4 tiles
+    pytest.param(33, 70, 16, None, id="B33-M70-d16"),  # two row blocks
+    pytest.param(1, 17, 3, None, id="B1-M17-d3"),
+]
+
+
+@triton_only
+@pytest.mark.parametrize("b,m,d,progs", TRITON_CASES)
+def test_triton_matches_reference(b, m, d, progs, monkeypatch):
+    from mtd_fast.kernels import linear_cross_entropy as lce
+
+    if progs is not None:
+        monkeypatch.setattr(lce, "_TARGET_PROGRAMS", progs)
+    q, t, y, go = _triton_inputs(b, m, d, seed=b + m + d)
+    got = _run(lce.linear_cross_entropy_triton, q, t, y, go)
+    want = _run(linear_cross_entropy_ref, q, t, y, go)
+    assert "LinearCrossEntropyFunction" in got[0].grad_fn.name()
+    for name, x, w in zip(("loss", "dq", "dT"), got, want):
+        assert_close(name, x, w)
+
+
+@triton_only
+def test_triton_partial_grads_and_fallback():
+    from mtd_fast.kernels.linear_cross_entropy import linear_cross_entropy_triton
+
+    q, t, y, go = _triton_inputs(5, 40, 8, seed=41)
+    for need in ((True, False), (False, True)):
+        got = _run(linear_cross_entropy_triton, q, t, y, go, need)
+        want = _run(linear_cross_entropy_ref, q, t, y, go, need)
+        for name, x, w, n in zip(("dq", "dT"), got[1:], want[1:], need):
+            if n:
+                assert_close(name, x, w)
+            else:
+                assert x is None
+    # float64 runs the chunked PyTorch path (tl.dot has no fp64 on every GPU)
+    q64, t64 = q.double().requires_grad_(), t.double()
+    out = linear_cross_entropy_triton(q64, t64, y)
+    assert "LinearCrossEntropyFunction" not in out.grad_fn.name()
+    torch.testing.assert_close(out, linear_cross_entropy_ref(q64, t64, y), atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="out of range"):
+        linear_cross_entropy_triton(q, t, torch.full_like(y, 40))
+
+
+@triton_only
+def test_triton_strict_dispatch():
+    q, t, y, _ = _triton_inputs(3, 50, 16, seed=42)
+    q.requires_grad_(True)
+    assert ops.describe("linear_cross_entropy", {"linear_cross_entropy": "triton"}, q.device) == "triton"
+    out = ops.linear_cross_entropy(q, t, y, backend={"linear_cross_entropy": "triton"})
+    assert "LinearCrossEntropyFunction" in out.grad_fn.name()
+    assert_close("loss", out, linear_cross_entropy_ref(q, t, y))
+
+
+@triton_only
+def test_triton_mtd_loss_through_the_kernel():
+    # the model's own path: MTD.loss -> score_parts -> ops.linear_cross_entropy -> the kernel
+    rng = np.random.default_rng(1)
+    seqs = [list(rng.integers(1, 41, size=n)) for n in [1, 3, 7, 2, 5]]
+    targets = torch.tensor(rng.integers(1, 41, size=len(seqs)), device=TRITON_DEVICE)
+    results = []
+    for backend in ({"linear_cross_entropy": "triton"}, "reference"):
+        torch.manual_seed(0)
+        model = mtd_fast.MTD(40, mtd_fast.MTDConfig(hidden_size=16), dropout=0.3, backend=backend).to(TRITON_DEVICE)
+        batch = model.batch_from_sessions(Sessions.from_lists(seqs), np.arange(len(seqs)))
+        torch.manual_seed(1)
+        loss = model.loss(batch, targets)
+        loss.backward()
+        results.append((loss.detach(), loss.grad_fn.name(),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l_t, fn_t, g_t), (l_r, fn_r, g_r) = results
+    assert "LinearCrossEntropyFunction" in fn_t and "LinearCrossEntropyFunction" not in fn_r
+    atol, rtol = MODEL_TOL["triton"]
+    torch.testing.assert_close(l_t, l_r, atol=atol, rtol=rtol)
+    for name in g_r:
+        torch.testing.assert_close(g_t[name], g_r[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
 # ---- models --------------------------------------------------------------------------------
 
 SCORE_PARTS_MODELS = ["mtd", "gru4rec", "narm", "stamp", "sasrec", "srgnn", "csrm", "cosan"]
@@ -294,7 +391,7 @@ def test_model_loss_through_the_op(name):
     _close_rel("loss", l_c, l_r, FP32_REL)
     assert g_c.keys() == g_r.keys() and len(g_r) >= 2
     # parameter gradients went through the encoders' backward (differences of larger terms):
-    # the project's model-level fp32 bound, 1e-4 relative (tests/test_triton_kernels.py);
+    # the project's model-level fp32 bound, 1e-4 relative (MODEL_TOL in tests/testing.py);
     # measured up to 1.6e-5 of the largest entry (CSRM's attention weights, entries ~1e-7)
     for n in g_r:
         if g_r[n].abs().max() > 0:

@@ -1,4 +1,5 @@
-"""MTD model: shapes, masks, initialisation, and the multi-task schedule."""
+"""MTD model: shapes, masks, initialisation, the multi-task schedule, and a training step /
+run through each fast backend of the encoder ops against the reference (`MODEL_TOL`)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,6 +11,8 @@ from mtd_fast import MTD, MTDConfig, TrainConfig
 from mtd_fast.config import ConfigError
 from mtd_fast.data import Sessions
 from mtd_fast.graph import global_graph_ref
+
+from testing import MODEL_TOL, TRITON_DEVICE, TRITON_MARKS, device_for, force_packed, triton_only
 
 SMALL = dict(hidden_size=16)
 
@@ -221,3 +224,59 @@ def test_linear_warmup_then_step_decay(monkeypatch):
     assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-4, 1e-4])
     with pytest.raises(ConfigError, match="warmup_steps"):
         TrainConfig(warmup_steps=-1)
+
+
+# ---- backends: a training step and a run through the fast encoder ops ----------------------
+# each backend keeps the batch (session lengths) and configs it was tested on
+STEP_SEQS = {"packed": [1, 2, 3, 7, 19, 4, 1, 12, 5, 2, 3], "triton": [1, 2, 3, 7, 19, 4, 12]}
+STEP_CASES = [
+    pytest.param("packed", {"num_heads": 2, "learn_position_decay": True}, id="packed-heads2-learned-decay"),
+    pytest.param("packed", {"item_attention": "product", "num_blocks": 2}, id="packed-product-blocks2"),
+    pytest.param("triton", {"num_heads": 2, "learn_position_decay": True}, id="triton-heads2-learned-decay",
+                 marks=TRITON_MARKS),
+    pytest.param("triton", {"item_attention": "product"}, id="triton-product", marks=TRITON_MARKS),
+]
+
+
+@pytest.mark.parametrize("backend,kw", STEP_CASES)
+def test_training_step_through_backend_matches_reference(backend, kw, monkeypatch):
+    # the model's real call pattern (dropout masks drawn by the model, gamma a buffer or a
+    # Parameter, q/k/v unpacked from valid tokens): same loss and same parameter gradients with
+    # the backend's session_attention and aggregate as with the reference
+    force_packed(monkeypatch)
+    dev = device_for(backend)
+    rng = np.random.default_rng(0)
+    seqs = [list(rng.integers(1, 41, size=n)) for n in STEP_SEQS[backend]]
+    targets = torch.tensor(rng.integers(1, 41, size=len(seqs)), device=dev)
+    results = []
+    for spec in ({"session_attention": backend, "aggregate": backend}, "reference"):
+        torch.manual_seed(0)
+        model = MTD(40, MTDConfig(hidden_size=16, **kw), dropout=0.3, backend=spec).to(dev)
+        model.train()
+        batch = batch_of(model, seqs)  # on the model's device
+        torch.manual_seed(1)  # the same dropout masks for both backends
+        loss = model.loss(batch, targets)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_b, grads_b), (loss_r, grads_r) = results
+    atol, rtol = MODEL_TOL[backend]
+    assert grads_b.keys() == grads_r.keys() and len(grads_b) > 5
+    for name, got, want in [("loss", loss_b, loss_r)] + [(n, grads_b[n], grads_r[n]) for n in grads_r]:
+        assert torch.isfinite(got).all(), f"{name}: non-finite values"
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+@triton_only
+def test_one_epoch_through_triton_same_metrics():
+    # a whole (tiny) training run through the kernels: same losses and the same metrics
+    ds = mtd_fast.load_dataset("synthetic", n_sessions=60, n_items=30, seed=1)
+    runs = {}
+    for backend in ({"session_attention": "triton", "aggregate": "triton"}, "reference"):
+        runs[str(backend)] = mtd_fast.train(ds, epochs=1, seed=0, backend=backend, quiet=True, hidden_size=16,
+                                            batch_size=32, device=TRITON_DEVICE)
+    fast, ref = runs.values()
+    assert fast.backends["session_attention"] == "triton" and ref.backends["session_attention"] == "reference"
+    atol, rtol = MODEL_TOL["triton"]
+    torch.testing.assert_close(fast.history[0]["train_loss"], ref.history[0]["train_loss"], atol=atol, rtol=rtol)
+    for key in ("P@5", "P@10", "P@20", "MRR@20", "NDCG@20"):
+        assert abs(fast.metrics[key] - ref.metrics[key]) < 1e-3, (key, fast.metrics[key], ref.metrics[key])

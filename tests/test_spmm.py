@@ -1,4 +1,4 @@
-"""The C++ SpMM backend (`mtd_fast.ops.cpp`, extension `mtd_fast._spmm_cpp`) against the
+"""The C++ SpMM backend (`mtd_fast.ops.spmm_cpp`, extension `mtd_fast._spmm_cpp`) against the
 reference `spmm_ref`, `torch.sparse.mm` and a dense product.
 
 Covers every norm, binary and weighted, directed and undirected graphs, float32/float64,
@@ -28,9 +28,10 @@ from mtd_fast.ops import spmm_ref
 
 try:
     # isort: off
-    from mtd_fast.ops import cpp as cppmod  # first: its ImportError says why and what to do
+    from mtd_fast.ops import spmm_cpp as cppmod  # first: its ImportError says why and what to do
     from mtd_fast import _spmm_cpp as C
-    from mtd_fast.ops.cpp import clear_transpose_cache, csr_spmm_cpp, csr_transpose_cpp, spmm_cpp, transpose_cache_stats
+    from mtd_fast.ops.spmm_cpp import (clear_transpose_cache, csr_spmm_cpp, csr_transpose_cpp, spmm_cpp,
+                                       transpose_cache_stats)
     # isort: on
 
     _WHY = ""

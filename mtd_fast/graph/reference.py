@@ -9,13 +9,26 @@ Numba builder replaces it; this one stays as the truth for tests).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import numpy as np
 
 from ..data.store import Sessions
 
-__all__ = ["GlobalGraph", "SessionGraphs", "global_graph_ref", "session_graphs_ref", "transition_pairs"]
+if TYPE_CHECKING:  # torch is imported lazily: building graphs needs only NumPy
+    import torch
+
+__all__ = ["GlobalGraph", "GraphTensors", "SessionGraphs", "global_graph_ref", "session_graphs_ref", "transition_pairs"]
+
+
+class GraphTensors(NamedTuple):
+    """A `GlobalGraph` as torch tensors on one device (`GlobalGraph.torch_tensors`)."""
+
+    indptr: torch.Tensor  # (N + 1,) row pointers of the CSR of A + I
+    indices: torch.Tensor  # (nnz,) column (node) indices
+    values: Optional[torch.Tensor]  # (nnz,) edge weights, None for a binary graph
+    degrees: torch.Tensor  # (N,) row sums of A + I
+    nodes: torch.Tensor  # (N,) the item id of each node (row)
 
 
 @dataclass(frozen=True)
@@ -68,13 +81,13 @@ class GlobalGraph:
             raise ValueError(f"unknown norm {norm!r}")
         return sp.csr_matrix((vals, self.indices, self.indptr), shape=(n, n))
 
-    def torch_tensors(self, device="cpu"):
-        """(indptr, indices, values | None, degrees, nodes) as torch tensors, cached per device."""
+    def torch_tensors(self, device="cpu") -> GraphTensors:
+        """The CSR and the node ids as torch tensors (`GraphTensors`), cached per device."""
         import torch
 
         key = str(device)
         if key not in self._torch_cache:
-            self._torch_cache[key] = (
+            self._torch_cache[key] = GraphTensors(
                 torch.from_numpy(self.indptr).to(device),
                 torch.from_numpy(self.indices).to(device),
                 None if self.values is None else torch.from_numpy(self.values).to(device),

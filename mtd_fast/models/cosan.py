@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MTDConfig
-from ..ops.reference import position_index
+from ..ops.common import position_index
 from .base import Batch, SessionModel
 from .layers import FifoMemory, SelfAttentionBlock, init_attention_encoder
 

@@ -1,7 +1,7 @@
 """`MTD.explain(sessions)`: the weights MTD puts on a session's clicks (paper Figure 5).
 
 The forward of `MTD.encode` is replayed in evaluation mode on the padded batch, with the
-model's own layers and the REFERENCE ops (`mtd_fast.ops.reference`), whatever backend the
+model's own layers and the REFERENCE ops (`mtd_fast.ops.*_ref`), whatever backend the
 model trains with. The weights themselves are read out of the reference ops rather than
 recomputed beside them: attending over one-hot values gives `session_attention_ref`'s
 attention matrix column by column (output_i = sum_j A_ij e_j = A_i), and aggregating
@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from ..data.store import DataError, Sessions
-from ..ops.reference import aggregate_ref, position_index, session_attention_ref
+from ..ops.aggregate import aggregate_ref
+from ..ops.common import position_index
+from ..ops.session_attention import session_attention_ref
 
 __all__ = ["explain", "attention_weights", "aggregation_weights"]
 

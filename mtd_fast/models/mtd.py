@@ -37,7 +37,7 @@ from torch import nn
 
 from .. import ops
 from ..config import MTDConfig
-from ..ops.reference import position_index
+from ..ops.common import position_index
 from .base import Batch, SessionModel
 from .layers import LN_EPS, Packing, SelfAttentionBlock, init_attention_encoder
 
@@ -74,7 +74,8 @@ class GATLayer(nn.Module):
         nn.init.uniform_(self.att_r, -bound, bound)
 
     def forward(self, h: torch.Tensor, graph) -> torch.Tensor:
-        indptr, indices, _, _, _ = graph.torch_tensors(h.device)
+        t = graph.torch_tensors(h.device)
+        indptr, indices = t.indptr, t.indices
         n = h.shape[0]
         rows = torch.repeat_interleave(torch.arange(n, device=h.device), indptr[1:] - indptr[:-1])
         cols = indices.long()
@@ -190,7 +191,7 @@ class MTD(SessionModel):
         emb = self.item_emb.weight
         if not self.graph_per_step:
             return emb, None, None
-        nodes = self.graph.torch_tensors(emb.device)[4]
+        nodes = self.graph.torch_tensors(emb.device).nodes
         h0 = emb[nodes]
         h = self.graph_output(h0)
         if self.config.graph_mode == "joint":
@@ -275,7 +276,7 @@ class MTD(SessionModel):
 
         Corruption permutes the rows of H^0 (a fresh permutation unless `perm` is given).
         """
-        nodes = graph.torch_tensors(self.device)[4]
+        nodes = graph.torch_tensors(self.device).nodes
         if h0 is None:
             h0 = self.item_emb.weight.detach()[nodes]
         if perm is None:
@@ -295,7 +296,7 @@ class MTD(SessionModel):
     @torch.no_grad()
     def write_back(self, graph, h: torch.Tensor) -> None:
         """E[nodes] = H (overwrite), or H rescaled row-wise to the norms of E[nodes] (rescaled)."""
-        nodes = graph.torch_tensors(self.device)[4]
+        nodes = graph.torch_tensors(self.device).nodes
         h = h.to(self.item_emb.weight.dtype)
         if self.config.graph_mode == "rescaled":
             old = self.item_emb.weight[nodes].norm(dim=1, keepdim=True)

@@ -28,7 +28,7 @@ Deliberate deviations (and decisions):
 - Positions: the TF code left-pads every sequence to `maxlen` and numbers positions from the
   padded start, so at inference the most recent click always has the same position
   embedding. Our batches are left-aligned (right-padded), so we number positions from the
-  end (1 = most recent click, `ops.reference.position_index`), which reproduces that
+  end (1 = most recent click, `ops.common.position_index`), which reproduces that
   inference-time property exactly and keeps scores independent of the batch width.
   Positions above `max_position` (200) share its embedding.
 - Q/K/V have no bias and heads are concatenated without an output projection (paper
@@ -51,7 +51,7 @@ from torch import nn
 
 from .. import ops
 from ..config import MTDConfig
-from ..ops.reference import position_index
+from ..ops.common import position_index
 from .base import Batch, SessionModel
 from .layers import LN_EPS, dropout_mask
 

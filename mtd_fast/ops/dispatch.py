@@ -19,7 +19,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Union
 
-__all__ = ["OPS", "BackendError", "register", "resolve", "available_backends", "BackendSpec", "describe"]
+__all__ = ["OPS", "BackendError", "register", "unregister", "resolve", "available_backends", "BackendSpec", "describe",
+           "validate_spec"]
 
 OPS = ("session_attention", "aggregate", "spmm", "global_graph", "session_graphs", "linear_cross_entropy")
 
@@ -77,6 +78,13 @@ def register(op: str, name: str, target: str, *, rank: int, auto_devices: tuple[
         raise ValueError(f"unknown op {op!r}; ops are {OPS}")
     _REGISTRY[op][name] = _Impl(op, name, target, rank, tuple(auto_devices),
                                 devices or _always("cpu", "cuda"), probe)
+
+
+def unregister(op: str, name: str) -> None:
+    """Remove backend `name` of `op` (tests register stand-ins and take them out again)."""
+    if name not in _REGISTRY.get(op, {}):
+        raise ValueError(f"{op!r} has no backend {name!r} to unregister")
+    del _REGISTRY[op][name]
 
 
 def _known_names() -> set[str]:

@@ -1,4 +1,5 @@
-"""Exact full-softmax cross-entropy over a catalogue without the (batch, M) logits.
+"""The `linear_cross_entropy` op: exact full-softmax cross-entropy over a catalogue without
+the (batch, M) logits, with every implementation of it.
 
     linear_cross_entropy(q, item_table, targets) == F.cross_entropy(q @ item_table.T, targets)
 
@@ -7,7 +8,10 @@ the result is the mean over the batch, a 0-dim tensor of q's dtype. The models p
 `targets - 1` (item ids 1..M, row j of the table is item j + 1; id 0 is the padding id and
 never a target). There is no `ignore_index`: every target must be a valid row.
 
-Backends (registered in `mtd_fast.ops`):
+Tests: tests/test_linear_cross_entropy.py. Benches: benches/bench_scoring.py and
+benches/large_catalogue.py (CPU, 1M items), benches/gpu_check.py (GPU).
+
+Backends (registered at the end of this module; `linear_cross_entropy(...)` dispatches):
 - `linear_cross_entropy_ref`: the eager formula, the truth of the tests;
 - `linear_cross_entropy_chunked` (CPU and CUDA, plain PyTorch), two strategies:
   * "rows" (the fused linear cross-entropy of Liger-Kernel, written here from its idea):
@@ -46,8 +50,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear_cross_entropy_ref", "linear_cross_entropy_chunked", "check_inputs", "plan_chunks",
-           "ROWS_BUDGET_BYTES", "ITEMS_BUDGET_BYTES", "ROWS_MAX_ITEMS"]
+from .common import triton_devices, triton_usable
+from .dispatch import register, resolve
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_ref", "linear_cross_entropy_chunked", "check_inputs",
+           "plan_chunks", "ROWS_BUDGET_BYTES", "ITEMS_BUDGET_BYTES", "ROWS_MAX_ITEMS"]
 
 # Working buffer when chunk_size is None, per strategy. Measured at 43k items, batch 512,
 # min of 7-8 interleaved runs: rows, 1 thread CPU time: 32-row chunks 137 ms, 64 (11 MB of
@@ -65,6 +72,22 @@ ROWS_MAX_ITEMS = 65_536
 MIN_ROWS = 16
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def linear_cross_entropy(q: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor,
+                         chunk_size: Optional[int] = None, backend=None) -> torch.Tensor:
+    """Exactly `F.cross_entropy(q @ item_table.T, targets)` (the mean over the batch) without
+    the full (batch, M) logits.
+
+    q: (batch, dim); item_table: (M, dim), same dtype and device; targets: (batch,) integer
+    indices into the table's rows, 0..M-1 (the models pass item id - 1). `chunk_size`: the
+    most logits (rows x items) one chunk may hold; None: from a memory budget. Bad input
+    (out-of-range targets, empty batch, mismatched dtypes or devices, chunk_size <= 0)
+    raises naming the problem. Strategies and measurements: this module's docstring.
+    """
+    check_inputs(q, item_table, targets, chunk_size)
+    fn = resolve("linear_cross_entropy", backend, q.device)
+    return fn(q, item_table, targets, chunk_size=chunk_size)
 
 
 def check_inputs(q: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor,
@@ -292,3 +315,12 @@ def linear_cross_entropy_chunked(q: torch.Tensor, item_table: torch.Tensor, targ
     if strategy == "rows":
         return _RowsFunction.apply(q, item_table, targets, n)
     return _ItemsFunction.apply(q, item_table, targets, n)
+
+
+# ---- backends: rank orders auto's preference (lower first); reference is the fallback -------
+register("linear_cross_entropy", "reference", "mtd_fast.ops.linear_cross_entropy:linear_cross_entropy_ref", rank=100)
+# chunked beats eager on the CPU at every catalogue size measured (benches/bench_scoring.py)
+register("linear_cross_entropy", "chunked", "mtd_fast.ops.linear_cross_entropy:linear_cross_entropy_chunked",
+         rank=50, auto_devices=("cpu", "cuda"))
+register("linear_cross_entropy", "triton", "mtd_fast.kernels.linear_cross_entropy:linear_cross_entropy_triton",
+         rank=0, auto_devices=("cuda",), devices=triton_devices, probe=triton_usable)
