@@ -17,12 +17,13 @@ import mtd_fast
 from mtd_fast.config import MTDConfig
 from mtd_fast.data.store import Sessions, pad_batch
 from mtd_fast.graph import session_graphs_ref
-from mtd_fast.metrics import MetricAccumulator, ranks_from_scores
 from mtd_fast.models import model_class
 from mtd_fast.models.cosan import CoSAN
 from mtd_fast.models.csrm import CSRM
 from mtd_fast.models.sasrec import SASRec
 from mtd_fast.models.srgnn import SRGNN
+
+import testing
 
 MODELS = ["sasrec", "srgnn", "csrm", "cosan"]
 CLASSES = {"sasrec": SASRec, "srgnn": SRGNN, "csrm": CSRM, "cosan": CoSAN}
@@ -54,12 +55,7 @@ def trained(synthetic, one_thread):
 def pop_p20(synthetic):
     """POP's test P@20: the training-click counts as scores (the project's tie rule), and the
     `pop` model when this install has it; the bar is the higher of the two."""
-    counts = np.bincount(synthetic.train_sessions.items.astype(np.int64), minlength=synthetic.n_items + 1)[1:]
-    test = synthetic.test
-    scores = torch.from_numpy(counts.astype(np.float32))[None, :].expand(len(test), -1)
-    acc = MetricAccumulator()
-    acc.add(ranks_from_scores(scores, torch.from_numpy(test.targets.astype(np.int64))))
-    bar = acc.result()["P@20"]
+    bar = testing.pop_p20(synthetic)
     try:
         model_class("pop")
     except ValueError:

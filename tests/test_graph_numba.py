@@ -182,6 +182,11 @@ def test_global_graph_through_ops_dispatch():
     assert_same_graph(global_graph_ref(s, 30, weighted=True), ops.global_graph(s, 30, weighted=True, backend="numba"))
 
 
+# (directed, weighted) -> (stored entries of A + I, their sum) on Diginetica's training sessions
+DIGINETICA_GRAPH = {(False, False): (762_502, 762_502), (False, True): (762_502, 1_223_580),
+                    (True, False): (470_601, 470_601), (True, True): (470_601, 633_232)}
+
+
 @pytest.fixture(scope="module")
 def diginetica():
     return load_dataset("diginetica", root=shared_path("diginetica"))
@@ -191,7 +196,10 @@ def diginetica():
 def test_global_graph_diginetica_matches_reference(diginetica, directed, weighted):
     ds = diginetica
     ref = global_graph_ref(ds.train_sessions, ds.n_items, directed=directed, weighted=weighted)
-    assert ref.num_nodes > 40_000 and ref.nnz > 400_000
+    # exact sizes of the full training graph (weighted: the sum of the stored transition counts)
+    nnz, total = DIGINETICA_GRAPH[directed, weighted]
+    assert (ref.num_nodes, ref.nnz) == (42_884, nnz)
+    assert (float(ref.values.sum()) if weighted else ref.nnz) == total
     assert_same_graph(ref, gn.global_graph_numba(ds.train_sessions, ds.n_items, directed=directed, weighted=weighted))
 
 

@@ -3,22 +3,15 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 import mtd_fast
-from mtd_fast.metrics import METRIC_KEYS, MetricAccumulator, ranks_from_scores
+from mtd_fast.metrics import METRIC_KEYS
+
+from testing import pop_p20
 
 FAST = dict(quiet=True)
-
-
-def pop_p20(ds):
-    counts = np.bincount(ds.train_sessions.items, minlength=ds.n_items + 1)[1:].astype(np.float32)
-    scores = torch.from_numpy(counts)[None].expand(len(ds.test), -1)
-    acc = MetricAccumulator()
-    acc.add(ranks_from_scores(scores, torch.from_numpy(ds.test.targets.astype(np.int64))))
-    return acc.result()["P@20"]
 
 
 @pytest.fixture(scope="module")

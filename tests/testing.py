@@ -1,5 +1,6 @@
 """What the test modules share (imported by name: pytest puts tests/ on sys.path).
 
+- learning bars: `pop_p20` (popularity's test P@20, the bar the learning tests beat).
 - real data: `SHARED_DATA` (`mtd_fast.data.data_root`: $MTD_FAST_DATA, else ../shared/data
   beside the project) and `shared_path`, which skips a test when the data is absent.
 - the op tests' backend axis: `backend_params` (one `pytest.param` per backend; "triton"
@@ -40,10 +41,12 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional
 
+import numpy as np
 import pytest
 import torch
 
 from mtd_fast.data import data_root
+from mtd_fast.metrics import MetricAccumulator, ranks_from_scores
 
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED_DATA = data_root(PROJECT)
@@ -55,6 +58,16 @@ def shared_path(*parts: str) -> Path:
     if not p.exists():
         pytest.skip(f"real data not found at {p} (tests read it from $MTD_FAST_DATA, else ../shared/data)")
     return p
+
+
+def pop_p20(ds) -> float:
+    """Popularity's test P@20 on `ds`: the training-click counts as every session's scores
+    (ties ranked by the project's rule), the bar that the learning tests beat."""
+    counts = np.bincount(ds.train_sessions.items.astype(np.int64), minlength=ds.n_items + 1)[1:]
+    scores = torch.from_numpy(counts.astype(np.float32))[None, :].expand(len(ds.test), -1)
+    acc = MetricAccumulator()
+    acc.add(ranks_from_scores(scores, torch.from_numpy(ds.test.targets.astype(np.int64))))
+    return acc.result()["P@20"]
 
 
 # ---- backends ------------------------------------------------------------------------------
