@@ -1,7 +1,7 @@
 """Helpers of the Table 4 timing study (`benches/bench_table4.py`).
 
 Settings read from the environment, the training step that is timed (the body of
-`mtd_fast.train._rec_epoch`, step for step), the checks run before timing, the epoch
+`mtd_fast.train.rec_epoch`, step for step), the checks run before timing, the epoch
 estimate, the report (markdown table shaped like the paper's Table 4, ratios, JSON, bar
 chart) and the client of the RecBole peer process. Unit-tested in
 `tests/test_table4_helpers.py`; nothing here imports pytest.
@@ -461,7 +461,7 @@ class Report:
         if any(self.graph.values()):
             lines += ["", "## MTD graph phases (DGI on the global item graph, reported apart)", ""]
             lines.append("A DGI step: `net.dgi_loss(graph)` + l2 + backward + Adam on `net.graph_parameters()`. "
-                         "A phase: `mtd_fast.train._graph_phase` as the trainer runs it (stop after "
+                         "A phase: `mtd_fast.train.graph_phase` as the trainer runs it (stop after "
                          f"graph_patience = {s.get('graph_patience')} steps without a lower loss, at most "
                          f"graph_steps = {s.get('graph_steps')}), measured once per dataset: phase 1, from the "
                          "initial weights, as at epoch 1. Amortised = phase seconds / f (one phase every f "
@@ -559,7 +559,7 @@ class Report:
 def method_sentence(s: Mapping[str, Any]) -> str:
     if s.get("epochs", 0) > 0:
         return (f"**MEASURED** whole epochs: each cell is the median of {s['epochs']} timed full training "
-                f"epoch(s) (`mtd_fast.train._rec_epoch`; the peer: one pass over RecBole's train dataloader), "
+                f"epoch(s) (`mtd_fast.train.rec_epoch`; the peer: one pass over RecBole's train dataloader), "
                 f"after {s.get('warmup')} warm-up step(s).")
     return (f"**ESTIMATED** seconds per epoch, not a timed epoch: steps per epoch x the median time of "
             f"{s.get('steps')} timed full-size training steps (full catalogue, batch {s.get('batch_size')}: "

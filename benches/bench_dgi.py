@@ -2,7 +2,7 @@
 fast SpMM (`backend="cpp"`) and with the pure-PyTorch reference, on the real Diginetica
 item graph (42,884 nodes, d = 100).
 
-A step is what `mtd_fast.train._graph_phase` does: GCN on H^0 and on the row-permuted
+A step is what `mtd_fast.train.graph_phase` does: GCN on H^0 and on the row-permuted
 H^0, readout, discriminator, BCE + L2, backward, Adam step on the graph parameters.
 Before timing, both backends are run on the same weights and the same permutation and
 must give the same loss and the same parameter gradients (fp32 tolerance below).

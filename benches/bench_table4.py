@@ -4,14 +4,14 @@ plus RecBole 1.2.1's implementations of the same models as a real peer, side by 
 
 What is timed (per dataset, every model on the SAME batches in the same order):
 - our models (mtd, gru4rec, narm, stamp, sasrec, srgnn, csrm, cosan): the trainer's own
-  training step (`mtd_fast.train._rec_epoch`'s body: `net.batch_from_sessions`, loss +
+  training step (`mtd_fast.train.rec_epoch`'s body: `net.batch_from_sessions`, loss +
   l2, backward, Adam step, loss read back) on full-size batches over the full catalogue;
 - the peer (gru4rec, narm, stamp, sasrec, srgnn of RecBole 1.2.1): RecBole's dataloader
   batch, `model.calculate_loss`, backward, Adam step, in its own venv, run by
   `benches/peers/recbole_peer.py` on OUR training samples converted to its
   session-benchmark files;
 - MTD's graph side apart: seconds per DGI step (`net.dgi_loss(graph)` + l2 + backward +
-  Adam on `net.graph_parameters()`), one real graph phase (`mtd_fast.train._graph_phase`,
+  Adam on `net.graph_parameters()`), one real graph phase (`mtd_fast.train.graph_phase`,
   patience 10, bounded by graph_steps = 1000), and that phase amortised over the
   dataset's rec_frequency f (Yoochoose 1, Diginetica 4, Retailrocket 6).
 
@@ -86,7 +86,7 @@ import _table4 as t4  # noqa: E402
 from mtd_fast import ops  # noqa: E402
 from mtd_fast.config import PHASE_MODES, MTDConfig, TrainConfig  # noqa: E402
 from mtd_fast.data import load_dataset  # noqa: E402
-from mtd_fast.train import _graph_phase, _rec_epoch, build_model, dgi_step, graph_side  # noqa: E402
+from mtd_fast.train import build_model, dgi_step, graph_phase, graph_side, rec_epoch  # noqa: E402
 
 from harness import data_dir, data_dir_or_skip  # noqa: E402
 
@@ -267,7 +267,7 @@ def _train_step(benchmark, data, model):
     else:
         rng = np.random.default_rng(SET.seed)
         epoch = iter(range(1, SET.epochs + 1))
-        benchmark.pedantic(t4.timed(lambda: _rec_epoch(net, samples, opt, params, tcfg, rng, True, next(epoch),
+        benchmark.pedantic(t4.timed(lambda: rec_epoch(net, samples, opt, params, tcfg, rng, True, next(epoch),
                                                        every_step), sink),
                            rounds=SET.epochs, iterations=1, warmup_rounds=0)
         entry.update(t4.measured_epochs(sink, data["steps_per_epoch"]), method="epochs")
@@ -413,7 +413,7 @@ def _mtd_graph_phase(benchmark, data):
     # one real phase, as the trainer runs it at epoch 1: fresh optimizer, initial weights
     net.load_state_dict(init_state)
     opt_g = torch.optim.Adam(net.graph_parameters(), lr=tcfg.lr)
-    best, steps, phase_s = _graph_phase(net, graph, opt_g, tcfg, True, 1)
+    best, steps, phase_s = graph_phase(net, graph, opt_g, tcfg, True, 1)
     stopped = "patience" if steps < tcfg.graph_steps else "bound"
     entry.update(phase_steps=steps, phase_s=phase_s, phase_best_loss=best, stopped_by=stopped,
                  graph_steps_bound=tcfg.graph_steps, graph_patience=tcfg.graph_patience,

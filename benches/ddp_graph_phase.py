@@ -4,7 +4,7 @@
 
 For each way (`broadcast`: the trainer's default; `replicate`: MTD_FAST_DDP_GRAPH=replicate)
 it launches `--world` gloo processes on this machine, each building the dataset's global
-graph and an MTD model, and times the trainer's own `_Run._graph_phase` (a phase of
+graph and an MTD model, and times the trainer's own `distributed_graph_phase` (a phase of
 exactly `--steps` DGI steps, write-back, and for `broadcast` the broadcast of the item
 table and the graph side's weights), from a barrier to the end, on every rank; then the
 same phase in one process. Prints the wall seconds (max over ranks) and checks that every
@@ -43,15 +43,14 @@ def worker(args) -> None:
         ds = mtd_fast.load_dataset(args.dataset, root=data_dir(args.dataset))
     tcfg = TrainConfig(graph_steps=args.steps, graph_patience=args.steps)
     dist = Dist()
-    run = tr._Run(ds, "mtd", 1, 0, "auto", True, MTDConfig(), tcfg, dist, None, False, "")
-    tr._seed_everything(0)
+    tr.seed_everything(0)
     net = tr.build_model("mtd", ds.n_items, MTDConfig(), tcfg)
     graph = ops.global_graph(ds.train_sessions, ds.n_items)
     opt_g = torch.optim.Adam(net.graph_parameters(), lr=tcfg.lr)
     if dist.enabled:
         td.barrier()
     t0 = time.perf_counter()
-    loss, steps, _ = run._graph_phase(net, graph, opt_g, 1)
+    loss, steps, _ = tr.distributed_graph_phase(net, graph, opt_g, tcfg, True, 1, dist)
     wall = time.perf_counter() - t0
     h = hashlib.sha256()
     for v in net.state_dict().values():

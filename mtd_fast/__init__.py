@@ -7,12 +7,11 @@
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from .config import MTDConfig, TrainConfig
 from .data import Dataset, load_dataset
 from .models import MTD
 from .ops import available_backends
+from .provenance import __version__
 from .serialization import load, save
 from .train import TrainResult, evaluate, train
 

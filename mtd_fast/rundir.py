@@ -35,6 +35,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from .provenance import __version__, machine, source_commit
 from .serialization import ModelFileError, check_format, read_payload, state_digest
 
 __all__ = ["RunDir", "RunDirError", "dataset_identity", "provenance", "curves_png", "RUN_FORMAT", "RUN_VERSION",
@@ -262,14 +263,11 @@ CLI_COMMAND: Optional[str] = None
 
 def provenance(api_call: str) -> dict[str, Any]:
     """Command, API call, versions, commit, machine and date of this process."""
-    from . import __version__
-    from .experiments.runner import _machine, _source_commit
-
-    commit, dirty = _source_commit()
+    commit, dirty = source_commit()
     command = CLI_COMMAND if CLI_COMMAND is not None else shlex.join(sys.argv)
     return {"command": command, "api_call": api_call,
             "mtd_fast_version": __version__, "commit": commit, "commit_dirty": dirty, "torch": torch.__version__,
-            "machine": _machine(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+            "machine": machine(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 def curves_png(history: list[dict[str, Any]]) -> bytes:

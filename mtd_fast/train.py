@@ -50,7 +50,8 @@ from .models import ablation_overrides, model_class
 from .models.base import SessionModel
 
 __all__ = ["train", "evaluate", "TrainResult", "build_model", "evaluate_samples", "train_step", "dgi_step",
-           "graph_side", "GraphEveryStep", "epoch_lr"]
+           "graph_side", "GraphEveryStep", "epoch_lr", "rec_epoch", "graph_phase", "distributed_graph_phase",
+           "seed_everything"]
 
 log = logging.getLogger("mtd_fast")
 
@@ -80,7 +81,8 @@ class TrainResult:
                 f"P@20={m.get('P@20', float('nan')):.2f}, MRR@20={m.get('MRR@20', float('nan')):.2f})")
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators as `train` does before building the model."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -263,8 +265,11 @@ def dgi_step(net, graph, h0: torch.Tensor, opt, params, l2: float) -> tuple[floa
     return value, h
 
 
-def _graph_phase(net, graph, opt: torch.optim.Optimizer, cfg: TrainConfig, quiet: bool, phase: int):
-    """Up to graph_steps DGI steps on the graph side; write back the lowest-loss H."""
+def graph_phase(net, graph, opt: torch.optim.Optimizer, cfg: TrainConfig, quiet: bool, phase: int):
+    """Graph phase number `phase` (graph_mode "overwrite" / "rescaled") in one process: up to
+    cfg.graph_steps DGI steps on the graph side (stopped after cfg.graph_patience steps without
+    a lower loss), then the lowest-loss H written back into the item table. Returns (lowest
+    loss, steps run, seconds)."""
     t0 = time.perf_counter()
     params = net.graph_parameters()
     best_loss, best_h, bad, steps = math.inf, None, 0, 0
@@ -289,6 +294,23 @@ def _graph_phase(net, graph, opt: torch.optim.Optimizer, cfg: TrainConfig, quiet
     return best_loss, steps, time.perf_counter() - t0
 
 
+def distributed_graph_phase(net, graph, opt: torch.optim.Optimizer, cfg: TrainConfig, quiet: bool, phase: int,
+                            dist: Dist) -> tuple[float, int, float]:
+    """`graph_phase` as `train` runs it: in one process as always; under DDP on rank 0, then its
+    result (the item table, the graph side's weights) broadcast (README: measured against every
+    rank computing it; `MTD_FAST_DDP_GRAPH=replicate` selects that alternative)."""
+    if not dist.enabled:
+        return graph_phase(net, graph, opt, cfg, quiet, phase)
+    if os.environ.get("MTD_FAST_DDP_GRAPH") == "replicate":
+        # identical RNG state on every rank -> identical corruptions -> identical phases, on
+        # identical hardware and thread counts only (nothing checks that here)
+        torch.set_rng_state(dist.broadcast_object(torch.get_rng_state()))
+        return graph_phase(net, graph, opt, cfg, quiet, phase)
+    out = dist.on_main(lambda: graph_phase(net, graph, opt, cfg, quiet, phase))
+    dist.broadcast_tensors_([net.item_emb.weight, *net.graph_parameters()])
+    return out
+
+
 @dataclass
 class GraphEveryStep:
     """The graph side of graph_mode "joint" / "residual", trained at every recommendation step:
@@ -303,7 +325,7 @@ class GraphEveryStep:
     params: list
     weight: float
     seed: int = 0
-    step: int = 0  # global training step, set by `_rec_epoch`
+    step: int = 0  # global training step, set by `rec_epoch`
     dgi_values: list = field(default_factory=list)
 
     def mean_dgi(self) -> Optional[float]:
@@ -319,7 +341,7 @@ def graph_side(net, graph, cfg: TrainConfig,
                seed: int = 0) -> tuple[Optional[torch.optim.Optimizer], Optional[GraphEveryStep]]:
     """The graph side of training on `graph` (None: no graph): its Adam optimizer and, for the
     per-step graph modes (joint, residual), the `GraphEveryStep` that `train_step` takes, with
-    the graph attached to `net`. The phase modes get (optimizer, None): `_graph_phase` uses it."""
+    the graph attached to `net`. The phase modes get (optimizer, None): `graph_phase` uses it."""
     if graph is None:
         return None, None
     if net.config.graph_mode in PHASE_MODES:
@@ -386,9 +408,13 @@ def train_step(net, samples: Samples, idx: np.ndarray, opt, params, l2: float,
     return value
 
 
-def _rec_epoch(net, samples: Samples, opt, params, cfg: TrainConfig, rng: np.random.Generator, quiet: bool,
-               epoch: int, graph: Optional[GraphEveryStep] = None, *,
-               dist: Optional[Dist] = None) -> tuple[float, int, float]:
+def rec_epoch(net, samples: Samples, opt, params, cfg: TrainConfig, rng: np.random.Generator, quiet: bool,
+              epoch: int, graph: Optional[GraphEveryStep] = None, *,
+              dist: Optional[Dist] = None) -> tuple[float, int, float]:
+    """Recommendation epoch number `epoch` (1-based): `train_step` over the batches of one
+    shuffle of `samples` by `rng` (at most cfg.max_steps_per_epoch), with the linear warm-up of
+    cfg.warmup_steps over the first steps of the run. Returns (mean loss per sample, samples
+    seen, seconds)."""
     dist = dist if dist is not None else _SINGLE
     t0 = time.perf_counter()
     net.train()
@@ -647,7 +673,7 @@ class _Run:
     def go(self) -> TrainResult:
         ds, mcfg, tcfg, dist, quiet = self.ds, self.mcfg, self.tcfg, self.dist, self.quiet
         freq = tcfg.rec_frequency or ds.rec_frequency
-        _seed_everything(self.seed)
+        seed_everything(self.seed)
         net = build_model(self.model_name, ds.n_items, mcfg, dataclasses.replace(tcfg, device=self.device),
                           self.backend)
         net.original_ids = ds.original_ids  # recommend() translates ids of a compact_ids dataset
@@ -689,14 +715,15 @@ class _Run:
             graph_loss, graph_s, graph_steps = None, 0.0, 0
             if phases and graph is not None and r % freq == 0 and r // freq < tcfg.graph_phases:
                 if not self.graph_done:
-                    self.phase_result = list(self._graph_phase(net, graph, opt_g, r // freq + 1))
+                    phase = r // freq + 1
+                    self.phase_result = list(distributed_graph_phase(net, graph, opt_g, tcfg, quiet, phase, dist))
                     self.graph_done = True
                     self._checkpoint(net, opt, opt_g, rng, best=False)
                 graph_loss, graph_steps, graph_s = self.phase_result
             if every_step is not None:
                 every_step.dgi_values.clear()
-            train_loss, n_seen, train_s = _rec_epoch(net, ds.train, opt, rec_params, tcfg, rng, quiet, r + 1,
-                                                     every_step, dist=dist)
+            train_loss, n_seen, train_s = rec_epoch(net, ds.train, opt, rec_params, tcfg, rng, quiet, r + 1,
+                                                    every_step, dist=dist)
             if every_step is not None:  # the mean DGI term of the epoch's steps (None when graph_weight = 0)
                 graph_loss, graph_steps = every_step.mean_dgi(), len(every_step.dgi_values)
             self._check_weights(net, r + 1)
@@ -738,22 +765,6 @@ class _Run:
                              str(self.run.path) if self.run is not None else None)
         self._write_result(result)
         return result
-
-    def _graph_phase(self, net, graph, opt_g, phase: int) -> tuple[float, int, float]:
-        """The graph phase: in one process as always; under DDP on rank 0, then its result (the
-        item table, the graph side's weights) broadcast (README: measured against every rank
-        computing it; `MTD_FAST_DDP_GRAPH=replicate` selects that alternative)."""
-        dist = self.dist
-        if not dist.enabled:
-            return _graph_phase(net, graph, opt_g, self.tcfg, self.quiet, phase)
-        if os.environ.get("MTD_FAST_DDP_GRAPH") == "replicate":
-            # identical RNG state on every rank -> identical corruptions -> identical phases, on
-            # identical hardware and thread counts only (nothing checks that here)
-            torch.set_rng_state(dist.broadcast_object(torch.get_rng_state()))
-            return _graph_phase(net, graph, opt_g, self.tcfg, self.quiet, phase)
-        out = dist.on_main(lambda: _graph_phase(net, graph, opt_g, self.tcfg, self.quiet, phase))
-        dist.broadcast_tensors_([net.item_emb.weight, *net.graph_parameters()])
-        return out
 
     def _check_weights(self, net, epoch: int) -> None:
         """Weights are checked at every step; this catches buffers and anything trained outside

@@ -151,7 +151,7 @@ def test_per_step_modes_train_both_sides_every_step(monkeypatch, mode, weight):
         return out
 
     monkeypatch.setattr(tr, "train_step", step)
-    monkeypatch.setattr(tr, "_graph_phase", lambda *a, **k: pytest.fail("per-step modes run no graph phase"))
+    monkeypatch.setattr(tr, "graph_phase", lambda *a, **k: pytest.fail("per-step modes run no graph phase"))
     res = mtd_fast.train(ds, epochs=1, quiet=True, graph_mode=mode, graph_weight=weight, **TINY)
     first = seen["changed"][0]
     assert "item_emb.weight" in first and "gnn.0.weight.weight" in first  # both sides, the same step
@@ -166,7 +166,7 @@ def test_phase_modes_write_back_rescaled_rows(monkeypatch):
     import sys
 
     tr = sys.modules["mtd_fast.train"]
-    real_phase = tr._graph_phase
+    real_phase = tr.graph_phase
     snaps = {}
 
     def phase(net, graph, *a, **k):
@@ -175,7 +175,7 @@ def test_phase_modes_write_back_rescaled_rows(monkeypatch):
         snaps["after"], snaps["nodes"] = net.item_emb.weight.detach().clone(), torch.from_numpy(graph.nodes)
         return out
 
-    monkeypatch.setattr(tr, "_graph_phase", phase)
+    monkeypatch.setattr(tr, "graph_phase", phase)
     mtd_fast.train(ds, epochs=1, quiet=True, graph_mode="rescaled", graph_steps=3, **TINY)
     n = snaps["nodes"]
     assert not torch.allclose(snaps["before"][n], snaps["after"][n])  # written back ...

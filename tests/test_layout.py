@@ -1,10 +1,22 @@
 """The house rules that a reviewer would otherwise check by hand: every package of the
 checkout is installed, data flows one way (no import cycles inside `mtd_fast`), and no
-module reaches into another one's private names."""
+module reaches into another one's private names.
+
+Both import rules read the source with `ast`, every `import` / `from ... import` statement
+wherever it stands: at module level, under `if TYPE_CHECKING:`, and inside functions. The
+package imports inside functions on purpose (the CLI's start-up time, optional dependencies
+such as matplotlib, Numba and Triton, torch kept out of graph building); such a lazy import
+runs later, so it cannot fail at import time, but a cycle through it is still a back-edge
+(module A needs B needs A), so lazy imports count as edges too. Monkeypatching a private
+attribute by name (`monkeypatch.setattr(module, "_x", ...)`) is not an import and is not
+checked.
+"""
 from __future__ import annotations
 
+import ast
 import importlib.util
 from pathlib import Path
+from typing import Iterator, Optional
 
 import mtd_fast
 
@@ -33,3 +45,190 @@ def test_every_package_of_the_checkout_is_installed():
         elif name != "mtd_fast.kernels" and installed not in Path(spec.origin).resolve().parents:
             missing.append(f"{name} (found at {spec.origin}, outside the installed package)")
     assert not missing, f"packages of the checkout that the install lacks: {missing}"
+
+
+# ---- the import rules ---------------------------------------------------------------------------
+def _package_modules() -> dict[str, Path]:
+    """Dotted module name -> source file, for mtd_fast/ and kernels/ (installed as mtd_fast.kernels)."""
+    out = {}
+    for top, prefix in ((ROOT / "mtd_fast", ("mtd_fast",)), (ROOT / "kernels", ("mtd_fast", "kernels"))):
+        for path in sorted(top.rglob("*.py")):
+            parts = prefix + path.relative_to(top).with_suffix("").parts
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+MODULES = _package_modules()
+
+
+def _module_name(path: Path) -> Optional[str]:
+    """The dotted name of a package file; None for files outside the package (tests, benches)."""
+    return next((name for name, p in MODULES.items() if p == path), None)
+
+
+def _imports(path: Path, me: str) -> Iterator[tuple[int, str, Optional[str]]]:
+    """(line, module, name) for every import statement of `path` (module `me`): `import m` gives
+    (line, m, None), `from m import n` gives (line, m, n); relative imports resolved against `me`."""
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name, None
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            for alias in node.names:
+                yield node.lineno, module, alias.name
+
+
+def _edges(name: str) -> set[str]:
+    """The package modules that module `name` imports (a name that is a submodule counts as that
+    submodule; importing a package means its __init__; a module's own parents are not edges)."""
+    out = set()
+    for _, module, imported in _imports(MODULES[name], name):
+        if imported is not None and f"{module}.{imported}" in MODULES:
+            out.add(f"{module}.{imported}")
+        elif module in MODULES:
+            out.add(module)
+    out.discard(name)
+    return out
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each as a cycle path."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(_cycle_path(graph, set(component)))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _cycle_path(graph: dict[str, set[str]], component: set[str]) -> list[str]:
+    """One cycle through the component, start -> ... -> start (breadth-first back to the start)."""
+    start = min(component)
+    parent: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            for w in sorted(graph[v] & component):
+                if w == start:
+                    path = [v]
+                    while path[-1] != start:
+                        path.append(parent[path[-1]])
+                    return [start] + path[::-1][1:] + [start] if len(path) > 1 else [start, v, start]
+                if w not in parent:
+                    parent[w] = v
+                    nxt.append(w)
+        frontier = nxt
+    return sorted(component)
+
+
+def test_cycle_finder_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set()}
+    assert _cycles(graph) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles_in_the_package():
+    assert "mtd_fast.train" in MODULES and "mtd_fast.kernels" in MODULES
+    graph = {name: _edges(name) for name in MODULES}
+    assert graph["mtd_fast"] >= {"mtd_fast.train", "mtd_fast.data"}  # the graph is read at all
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles (module -> imported module): " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+# (importing file, private module or name) -> why it may
+PRIVATE_ALLOWED = {
+    ("tests/test_spmm.py", "mtd_fast._spmm_cpp"): "the compiled extension's own tests: its ISA switch and "
+                                                  "NumPy-level input checks, which the torch wrapper does not expose",
+}
+
+
+def _private(dotted: str) -> Optional[str]:
+    """The first private segment (`_x`, not a dunder) of a dotted name, with what precedes it."""
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("_") and not (part.startswith("__") and part.endswith("__")):
+            return ".".join(parts[:i + 1])
+    return None
+
+
+def _is_module(dotted: str, folder: Path) -> bool:
+    """A module of the package (source or compiled extension), or a top-level module in `folder`."""
+    if dotted in MODULES:
+        return True
+    parent, _, stem = dotted.rpartition(".")
+    where = ROOT / parent.replace(".", "/") if parent else folder
+    return (where / f"{stem}.py").is_file() or any(where.glob(f"{stem}.*.so"))
+
+
+def _private_offences(path: Path, me: str) -> list[str]:
+    """The imports of `path` (module `me`) that reach a private name of another module of this
+    project: `from m import _x` where _x is not a module, or a private module (`_m`) imported from
+    outside the package that holds it (tests and benches: from outside its folder). Other
+    libraries' private names (torch.utils._pytree) are their business, not checked."""
+    bad = []
+    rel = path.relative_to(ROOT).as_posix() if ROOT in path.parents else str(path)
+    for line, module, name in _imports(path, me):
+        dotted = module if name is None else f"{module}.{name}"
+        top = dotted.split(".")[0]
+        if top != "mtd_fast" and not _is_module(top, path.parent):
+            continue
+        private = _private(dotted)
+        if private is None or (rel, private) in PRIVATE_ALLOWED:
+            continue
+        holder = private.rpartition(".")[0]
+        if _is_module(private, path.parent) and (me.startswith(holder + ".") if holder else True):
+            continue  # a private module used inside its own package (top level: found in the same folder)
+        bad.append(f"{rel}:{line}: {dotted}")
+    return bad
+
+
+def test_no_private_names_imported_across_modules():
+    files = sorted(MODULES.values()) + sorted((ROOT / "tests").rglob("*.py")) + sorted((ROOT / "benches").rglob("*.py"))
+    bad = [b for path in files for b in _private_offences(path, _module_name(path) or path.stem)]
+    assert not bad, "private names imported from another module (make them public with a docstring, or " \
+                    "move them where they belong): " + "; ".join(bad)
+
+
+def test_private_import_rule_catches_offenders(tmp_path):
+    src = tmp_path / "probe.py"
+    src.write_text("from mtd_fast.train import _seed, train_step\n"  # a private function: offence
+                   "from mtd_fast import _spmm_cpp\n"                # a private module from outside: offence
+                   "from mtd_fast import __version__\n"              # dunder: fine
+                   "import mtd_fast.graph._numba_cache\n"            # private module from outside: offence
+                   "from torch.utils._pytree import tree_map\n")     # another library's: not checked
+    assert [b.rpartition(": ")[2] for b in _private_offences(src, "probe")] == [
+        "mtd_fast.train._seed", "mtd_fast._spmm_cpp", "mtd_fast.graph._numba_cache"]
+    # inside the package: a private module of the package is fine, a private function is not
+    assert [b.rpartition(": ")[2] for b in _private_offences(src, "mtd_fast.graph.numba")] == ["mtd_fast.train._seed"]

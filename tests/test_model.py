@@ -122,7 +122,7 @@ def test_graph_phase_changes_item_table_and_rec_phase_leaves_gcn_alone(monkeypat
 
     tr = sys.modules["mtd_fast.train"]  # the module (the package attribute `train` is the function)
 
-    real_graph_phase, real_rec_epoch = tr._graph_phase, tr._rec_epoch
+    real_graph_phase, real_rec_epoch = tr.graph_phase, tr.rec_epoch
 
     def graph_phase(net, graph, *a, **k):
         snaps["E_before_graph"] = net.item_emb.weight.detach().clone()
@@ -138,8 +138,8 @@ def test_graph_phase_changes_item_table_and_rec_phase_leaves_gcn_alone(monkeypat
         snaps["gcn_after_rec"] = [p.detach().clone() for p in net.graph_parameters()]
         return out
 
-    monkeypatch.setattr(tr, "_graph_phase", graph_phase)
-    monkeypatch.setattr(tr, "_rec_epoch", rec_epoch)
+    monkeypatch.setattr(tr, "graph_phase", graph_phase)
+    monkeypatch.setattr(tr, "rec_epoch", rec_epoch)
     res = mtd_fast.train(ds, epochs=1, quiet=True, hidden_size=16, graph_mode="overwrite", graph_steps=5, batch_size=64,
                          eval_test_each_epoch=False)
     nodes = snaps["nodes"]

@@ -21,17 +21,16 @@ import json
 import logging
 import math
 import os
-import platform
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from ..metrics import METRIC_KEYS
+from ..provenance import machine, source_commit
 from .report import ExperimentError, atomic_save, atomic_write_json, display_name, fmt_mean_sd, markdown_table, mean_sd
 
 __all__ = ["RunSpec", "result_path", "run_all", "load_results", "merge_table", "merge_json", "validate_record",
@@ -180,31 +179,6 @@ def checkpoint_path(out_dir: os.PathLike | str, spec: RunSpec) -> Path:
 
 
 # ---- provenance ------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def _source_commit() -> tuple[Optional[str], Optional[bool]]:
-    """(HEAD commit, uncommitted changes under the package) when the package runs from a git
-    checkout that tracks it (an editable install); (None, None) for an installed copy."""
-    pkg = Path(__file__).resolve().parents[1]
-    try:
-        def git(*a: str) -> str:
-            return subprocess.run(["git", "-C", str(pkg), *a], capture_output=True, text=True, timeout=10,
-                                  check=True).stdout.strip()
-
-        git("ls-files", "--error-unmatch", "__init__.py")  # the package files are tracked here
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--", "."))
-        return commit, dirty
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-
-
-def _machine() -> dict[str, Any]:
-    import torch
-
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
-
-
 def cli_command(argv: Optional[Sequence[str]] = None) -> str:
     """The command line as typed: `mtd-fast ARGS` (sys.argv's tail when argv is None)."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -214,7 +188,7 @@ def cli_command(argv: Optional[Sequence[str]] = None) -> str:
 def _make_record(spec: RunSpec, result, ds, stats: dict[str, Any], command: str, wall: float) -> dict[str, Any]:
     import torch
 
-    commit, dirty = _source_commit()
+    commit, dirty = source_commit()
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "dataset": ds.name, "model": spec.model, "label": spec.label, "seed": spec.seed,
@@ -225,7 +199,7 @@ def _make_record(spec: RunSpec, result, ds, stats: dict[str, Any], command: str,
         "model_config": dataclasses.asdict(result.model_config),
         "train_config": dataclasses.asdict(result.train_config),
         "history": result.history, "backends": result.backends, "stats": stats, "command": command,
-        "commit": commit, "commit_dirty": dirty, "torch": torch.__version__, "machine": _machine(),
+        "commit": commit, "commit_dirty": dirty, "torch": torch.__version__, "machine": machine(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "wall_seconds": wall,
     }
 
