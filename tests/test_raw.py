@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 import mtd_fast.data as data_pkg
-from mtd_fast.data import DataError, load_dataset, raw
-from mtd_fast.data.raw import detect_format, preprocess, save_pickle_layout
+from mtd_fast.data import DataError, load_dataset
+from mtd_fast.data.raw import detect_format, fields, preprocess, save_pickle_layout
 
 from testing import SHARED_DATA
 
@@ -49,7 +49,7 @@ def samples(s):
 # --------------------------------------------------------------------------- Diginetica sample (real file)
 
 def _srgnn_reference_diginetica(path: Path):
-    """A plain-Python, dict-based rendering of the rules (written independently of raw.py)."""
+    """A plain-Python, dict-based rendering of the rules (written independently of mtd_fast.data.raw)."""
     clicks: dict[str, list[tuple[int, str]]] = {}
     last_day: dict[str, str] = {}
     with open(path, newline="") as f:
@@ -139,7 +139,7 @@ def test_diginetica_both_header_spellings_and_crlf(tmp_path, header):
 @needs_sample
 def test_small_chunks_give_the_same_result(monkeypatch, tmp_path):
     ref = preprocess(DIGI_SAMPLE)
-    monkeypatch.setattr(raw, "_CHUNK", 1000)  # ~400 chunk boundaries, lines cut across reads
+    monkeypatch.setattr(fields, "CHUNK_BYTES", 1000)  # ~400 chunk boundaries, lines cut across reads
     ds = preprocess(DIGI_SAMPLE)
     assert lists(ds.sessions) == lists(ref.sessions) and samples(ds.test) == samples(ref.test)
     # line numbers stay right across chunks, blank lines included in the count
@@ -612,7 +612,7 @@ def test_nothing_left_after_filtering(tmp_path):
 
 
 def test_errors_are_data_errors_not_numpy_tracebacks(tmp_path, monkeypatch):
-    monkeypatch.setattr(raw, "_CHUNK", 256)  # the 5000-byte line below spans many reads
+    monkeypatch.setattr(fields, "CHUNK_BYTES", 256)  # the 5000-byte line below spans many reads
     # binary junk, a very long line, a lone header with the wrong delimiter
     junk = _write(tmp_path, "junk.csv", DIGI_HEADER.encode() + bytes(range(256)) * 3)
     with pytest.raises(DataError, match=re.escape(f"{junk}, line 2: expected 5 fields")):
