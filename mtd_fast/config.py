@@ -63,7 +63,9 @@ class MTDConfig:
     # LightGCN's layer mean) used for session items and candidates at every step.
     graph_mode: str = "residual"  # chosen on validation: README "Graph integration", benches/figures/graph_modes.md
     residual_form: str = "gcn"  # graph_mode="residual": "gcn" (E + GCN(E)) or "light" (mean of A^l E, l=0..L)
-    score_norm: bool = False  # cosine scoring: score_scale * <q/|q|, e/|e|> (NISER), else a plain dot product
+    # cosine scoring: score_scale * <q/|q|, e/|e|> (NISER), else a plain dot product; on by default:
+    # better on validation on all three datasets (README "Graph integration", graph_modes.md)
+    score_norm: bool = True
     score_scale: float = 12.0  # the scale of cosine scoring (its initial value when learned)
     learn_score_scale: bool = False
     # Baseline knobs (ignored by MTD); see each model file for what it reads.

@@ -21,7 +21,9 @@ How the graph side reaches the recommender is `graph_mode` (README "Graph integr
 - "residual":  the table T = E + GCN(E) on graph nodes (`residual_form="gcn"`), or
                T = mean_l A_hat^l E (`"light"`, LightGCN's layer mean), is used for the
                session's items and the candidates at every step (+ lambda_g L_DGI when > 0).
-`score_norm=True` scores by `score_scale * cos(q, T_j)` (NISER) instead of `q . T_j`.
+`score_norm=True` (the default) scores by `score_scale * cos(q, T_j)` (NISER); False by the
+paper's `q . T_j`. The defaults (residual + cosine) were chosen on validation data:
+README "Graph integration", benches/figures/graph_modes.md.
 
 The hot ops go through `mtd_fast.ops` (session attention, aggregation, SpMM) so every
 backend computes the same function; dropout masks are drawn here, outside any kernel.
