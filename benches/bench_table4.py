@@ -25,7 +25,7 @@ Correctness comes first: every model's first step is checked (finite loss, finit
 nonzero gradients, finite weights); MTD's default backends are compared with
 backend="reference" on the same batch and weights (loss and gradients, dropout off and
 on with one seed; the DGI loss with one corruption permutation), tolerances in
-`benches/_table4.py` (LOSS_RTOL, LOSS_ATOL, GRAD_RTOL) with their reasons.
+`benches/table4/steps.py` (LOSS_RTOL, LOSS_ATOL, GRAD_RTOL) with their reasons.
 
 Options (environment variables):
   MTD_BENCH_SMOKE=1            tiny synthetic data, batch 128, one timed step each (CI)
@@ -71,7 +71,6 @@ import contextlib
 import copy
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -80,15 +79,13 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _table4 as t4  # noqa: E402
+from mtd_fast import ops
+from mtd_fast.config import PHASE_MODES, MTDConfig, TrainConfig
+from mtd_fast.data import load_dataset
+from mtd_fast.train import build_model, dgi_step, graph_phase, graph_side, rec_epoch, train_step
 
-from mtd_fast import ops  # noqa: E402
-from mtd_fast.config import PHASE_MODES, MTDConfig, TrainConfig  # noqa: E402
-from mtd_fast.data import load_dataset  # noqa: E402
-from mtd_fast.train import build_model, dgi_step, graph_phase, graph_side, rec_epoch  # noqa: E402
-
-from harness import data_dir, data_dir_or_skip  # noqa: E402
+import table4 as t4  # the study's helpers, benches/table4/ (benches/ is on sys.path, as for harness)
+from harness import data_dir, data_dir_or_skip
 
 PROJECT = Path(__file__).resolve().parents[1]
 PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "recbole_peer.py"
@@ -256,12 +253,12 @@ def _train_step(benchmark, data, model):
         REPORT.add_row(model, key, "failed", reason="training step check failed", **entry)
         pytest.fail(f"{model} on {key}: the checked training step failed: {check}")
     for idx in batches[1:1 + SET.warmup]:
-        t4.train_step(net, samples, idx, opt, params, tcfg.l2, graph=every_step)
+        train_step(net, samples, idx, opt, params, tcfg.l2, graph=every_step)
     sink: list[float] = []
     if SET.epochs == 0:
         timed_batches = iter(batches[1 + SET.warmup:])
-        benchmark.pedantic(t4.timed(lambda: t4.train_step(net, samples, next(timed_batches), opt, params, tcfg.l2,
-                                                          graph=every_step), sink),
+        benchmark.pedantic(t4.timed(lambda: train_step(net, samples, next(timed_batches), opt, params, tcfg.l2,
+                                                       graph=every_step), sink),
                            rounds=SET.steps, iterations=1, warmup_rounds=0)
         entry.update(t4.epoch_estimate(sink, len(samples), SET.batch_size), method="estimate", step_seconds=sink)
     else:
@@ -391,7 +388,7 @@ def _mtd_graph_phase(benchmark, data):
     nodes = graph.torch_tensors(net.device).nodes
     h0 = net.item_emb.weight.detach()[nodes]  # E frozen during a phase, as in the trainer
     value, _ = dgi_step(net, graph, h0, opt, params, tcfg.l2)  # checked: finite loss ...
-    rep = t4._grad_report(params)  # ... and the gradients of that step
+    rep = t4.grad_report(params)  # ... and the gradients of that step
     if not (math.isfinite(value) and rep["grads_finite"] and rep["grad_norm"] > 0):
         REPORT.add_graph(key, "failed", reason="DGI step check failed", **entry)
         pytest.fail(f"MTD DGI on {key}: loss {value}, {rep}")

@@ -66,6 +66,22 @@ def _module_name(path: Path) -> Optional[str]:
     return next((name for name, p in MODULES.items() if p == path), None)
 
 
+def _import_root(path: Path) -> Path:
+    """The folder that a file outside the package is imported from (it is on sys.path): its own,
+    or, for a module of a package in it (benches/table4/report.py), the folder above that package."""
+    folder = path.parent
+    while (folder / "__init__.py").is_file():
+        folder = folder.parent
+    return folder
+
+
+def _local_name(path: Path) -> str:
+    """The dotted name of a file outside the package as imported from its import root:
+    tests/testing.py is `testing`, benches/table4/report.py is `table4.report`."""
+    parts = path.with_suffix("").relative_to(_import_root(path)).parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def _imports(path: Path, me: str) -> Iterator[tuple[int, str, Optional[str]]]:
     """(line, module, name) for every import statement of `path` (module `me`): `import m` gives
     (line, m, None), `from m import n` gives (line, m, n); relative imports resolved against `me`."""
@@ -184,12 +200,15 @@ def _private(dotted: str) -> Optional[str]:
 
 
 def _is_module(dotted: str, folder: Path) -> bool:
-    """A module of the package (source or compiled extension), or a top-level module in `folder`."""
+    """A module of the package (source or compiled extension), or a module or package found from
+    `folder` (the import root of tests and benches: `harness`, `table4`, `table4.report`)."""
     if dotted in MODULES:
         return True
     parent, _, stem = dotted.rpartition(".")
-    where = ROOT / parent.replace(".", "/") if parent else folder
-    return (where / f"{stem}.py").is_file() or any(where.glob(f"{stem}.*.so"))
+    base = ROOT if dotted.split(".")[0] == "mtd_fast" else folder
+    where = base / parent.replace(".", "/") if parent else folder
+    return ((where / f"{stem}.py").is_file() or (where / stem / "__init__.py").is_file()
+            or any(where.glob(f"{stem}.*.so")))
 
 
 def _private_offences(path: Path, me: str) -> list[str]:
@@ -199,16 +218,17 @@ def _private_offences(path: Path, me: str) -> list[str]:
     libraries' private names (torch.utils._pytree) are their business, not checked."""
     bad = []
     rel = path.relative_to(ROOT).as_posix() if ROOT in path.parents else str(path)
+    folder = path.parent if me in MODULES else _import_root(path)
     for line, module, name in _imports(path, me):
         dotted = module if name is None else f"{module}.{name}"
         top = dotted.split(".")[0]
-        if top != "mtd_fast" and not _is_module(top, path.parent):
+        if top != "mtd_fast" and not _is_module(top, folder):
             continue
         private = _private(dotted)
         if private is None or (rel, private) in PRIVATE_ALLOWED:
             continue
         holder = private.rpartition(".")[0]
-        if _is_module(private, path.parent) and (me.startswith(holder + ".") if holder else True):
+        if _is_module(private, folder) and (me.startswith(holder + ".") if holder else True):
             continue  # a private module used inside its own package (top level: found in the same folder)
         bad.append(f"{rel}:{line}: {dotted}")
     return bad
@@ -216,7 +236,7 @@ def _private_offences(path: Path, me: str) -> list[str]:
 
 def test_no_private_names_imported_across_modules():
     files = sorted(MODULES.values()) + sorted((ROOT / "tests").rglob("*.py")) + sorted((ROOT / "benches").rglob("*.py"))
-    bad = [b for path in files for b in _private_offences(path, _module_name(path) or path.stem)]
+    bad = [b for path in files for b in _private_offences(path, _module_name(path) or _local_name(path))]
     assert not bad, "private names imported from another module (make them public with a docstring, or " \
                     "move them where they belong): " + "; ".join(bad)
 
@@ -232,3 +252,22 @@ def test_private_import_rule_catches_offenders(tmp_path):
         "mtd_fast.train._seed", "mtd_fast._spmm_cpp", "mtd_fast.graph._numba_cache"]
     # inside the package: a private module of the package is fine, a private function is not
     assert [b.rpartition(": ")[2] for b in _private_offences(src, "mtd_fast.graph.numba")] == ["mtd_fast.train._seed"]
+
+
+def test_private_import_rule_covers_packages_of_tests_and_benches(tmp_path):
+    # a package beside the benches (benches/table4/): its private names and modules are its own
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    for name in ("__init__.py", "a.py", "b.py", "_c.py"):
+        (pkg / name).write_text("")
+    (pkg / "a.py").write_text("from . import _c\n"        # a private module inside its package: fine
+                              "from .b import _x, y\n"    # a private name of a sibling: offence
+                              "from pkg._c import z\n")   # the same module spelled out: fine
+    bench = tmp_path / "bench_probe.py"
+    bench.write_text("import pkg\n"
+                     "from pkg import _c\n"               # the package's private module, from outside: offence
+                     "from pkg.b import _x\n")            # a private name: offence
+    assert _local_name(pkg / "a.py") == "pkg.a" and _local_name(pkg / "__init__.py") == "pkg"
+    assert [b.rpartition(": ")[2] for b in _private_offences(pkg / "a.py", _local_name(pkg / "a.py"))] == [
+        "pkg.b._x"]
+    assert [b.rpartition(": ")[2] for b in _private_offences(bench, _local_name(bench))] == ["pkg._c", "pkg.b._x"]

@@ -1,4 +1,4 @@
-"""Unit tests of the Table 4 bench's helpers (`benches/_table4.py`): settings, the timed
+"""Unit tests of the Table 4 bench's helpers (the package `benches/table4/`): settings, the timed
 training step (the trainer's own, checked against the loss and update by hand), checks, estimates, report and ratios,
 and the peer client's protocol (against a stand-in peer; RecBole itself is not needed)."""
 from __future__ import annotations
@@ -18,12 +18,17 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 
 def _load_helpers():
-    name = "_table4"
+    """benches/table4/ as the package `table4`, the name the bench imports it by (under pytest
+    benches/ is on sys.path; here it is not, and is not put there): a spec from its __init__.py
+    with the folder as its search path, so that its relative imports find the submodules."""
+    name = "table4"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, PROJECT / "benches" / "_table4.py")
+    folder = PROJECT / "benches" / "table4"
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up while the class is built
+    sys.modules[name] = mod  # the submodules import from their package; dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 
@@ -95,7 +100,7 @@ def test_timed_step_is_one_sgd_step_on_the_loss_by_hand(tiny, model):
     from mtd_fast.config import MTDConfig, TrainConfig
     from mtd_fast.train import build_model, train_step
 
-    assert t4.train_step is train_step
+    assert t4.steps.train_step is train_step  # the checked step runs the trainer's own
     cfg = TrainConfig(batch_size=32, dropout=0.0)  # no dropout: the loss by hand sees the same network
     lr, l2 = 0.5, 1e-3
     torch.manual_seed(0)
@@ -103,7 +108,7 @@ def test_timed_step_is_one_sgd_step_on_the_loss_by_hand(tiny, model):
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     idx = t4.plan_batches(len(tiny.train), cfg.batch_size, 1, seed=5)[0]
     params = net.rec_parameters()
-    got = t4.train_step(net, tiny.train, idx, torch.optim.SGD(params, lr=lr), params, l2)
+    got = train_step(net, tiny.train, idx, torch.optim.SGD(params, lr=lr), params, l2)
 
     torch.manual_seed(0)
     ref = build_model(model, tiny.n_items, MTDConfig(hidden_size=16), cfg)
