@@ -25,7 +25,7 @@ Printed and written: dataset statistics, seconds per phase, metrics, peak RSS (L
 scoring would have needed: (512 x 1M) fp32 logits are 2 GB, 3 of them at its peak.
 
 MTD_BENCH_SMOKE=1 (or --items 2000 --sessions 400) runs the same at toy size in seconds;
-benches/bench_scoring.py::test_large_catalogue_smoke does that.
+benches/bench_scripts.py::test_large_catalogue_smoke does that.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ training on this machine; the target is to pass that in at most half the time.
 
 One JSON file per label in --out (default benches/figures/time_to_accuracy/), skipped when
 it exists (delete it to redo). MTD_BENCH_SMOKE=1: synthetic data, tiny sizes (the test in
-benches/bench_scoring.py runs it so it cannot rot).
+benches/bench_scripts.py runs it so it cannot rot).
 """
 from __future__ import annotations
 

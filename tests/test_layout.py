@@ -200,16 +200,15 @@ def _private(dotted: str) -> Optional[str]:
     return None
 
 
-def _extension_names() -> set[str]:
-    """The compiled extensions setup.py builds (`EXT_NAME = "..."`): modules of the package even
-    in a checkout where no build put the .so beside the sources (a fresh clone, CI)."""
-    return set(re.findall(r'^EXT_NAME\s*=\s*"([\w.]+)"', (ROOT / "setup.py").read_text(), flags=re.M))
+# The compiled extensions setup.py builds (`EXT_NAME = "..."`): modules of the package even in a
+# checkout where no build put the .so beside the sources (a fresh clone, CI).
+EXTENSIONS = frozenset(re.findall(r'^EXT_NAME\s*=\s*"([\w.]+)"', (ROOT / "setup.py").read_text(), flags=re.M))
 
 
 def _is_module(dotted: str, folder: Path) -> bool:
     """A module of the package (source or compiled extension), or a module or package found from
     `folder` (the import root of tests and benches: `harness`, `table4`, `table4.report`)."""
-    if dotted in MODULES or dotted in _extension_names():
+    if dotted in MODULES or dotted in EXTENSIONS:
         return True
     parent, _, stem = dotted.rpartition(".")
     base = ROOT if dotted.split(".")[0] == "mtd_fast" else folder

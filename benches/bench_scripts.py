@@ -1,0 +1,41 @@
+"""Smoke runs of the bench scripts that are run by hand (large_catalogue.py: one MTD epoch at 1M
+items; time_to_accuracy.py: seconds of training until a test-metric target), at toy size, so
+they cannot rot. Each runs the script in a subprocess with MTD_BENCH_SMOKE=1."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_large_catalogue_smoke(tmp_path):
+    """benches/large_catalogue.py (MTD, one epoch, 1M items; run by hand) at toy size, so it
+    cannot rot: a whole `mtd_fast.train` through the chunked loss and ranking."""
+    script = Path(__file__).resolve().parent / "large_catalogue.py"
+    out = tmp_path / "large.json"
+    res = subprocess.run([sys.executable, str(script), "--items", "2000", "--sessions", "400", "--graph-steps", "3",
+                          "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         env=dict(os.environ, MTD_BENCH_SMOKE="1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["backends"]["linear_cross_entropy"] == "chunked" and data["peak_rss_MB"] > 0
+    assert 0 <= data["test"]["P@20"] <= 100
+
+
+def test_time_to_accuracy_smoke(tmp_path):
+    """benches/time_to_accuracy.py (run by hand on full Diginetica) at toy size: the curve, the
+    target check and the skip of a finished label."""
+    script = Path(__file__).resolve().parent / "time_to_accuracy.py"
+    cmd = [sys.executable, str(script), "--label", "t", "--chunk", "3", "--chunks", "2", "--threads", "1",
+           "--target", "P@20=0", "--option", "hidden_size=8", "--out", str(tmp_path)]
+    env = dict(os.environ, MTD_BENCH_SMOKE="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads((tmp_path / "synthetic__t.json").read_text())
+    assert [c["chunk"] for c in data["curve"]] == [1, 2] and data["passed_at"]["chunk"] == 1
+    assert data["curve"][1]["train_seconds_cum"] > data["curve"][0]["train_seconds_cum"] > 0
+    assert data["model_config"]["hidden_size"] == 8 and data["train_config"]["max_steps_per_epoch"] == 3
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
