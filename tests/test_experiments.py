@@ -122,6 +122,65 @@ def test_bad_files_are_redone_never_merged(tmp_path, monkeypatch, capsys):
     assert "99.99" not in merge_table(load_results(tmp_path))
 
 
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(monkeypatch, call):
+    """Make the trainer's `call`-th train_step raise, as a crash or a session end would."""
+    real, n = train_module.train_step, [0]
+
+    def step(*a, **kw):
+        n[0] += 1
+        if n[0] == call:
+            raise Interrupt(f"train_step call {call}")
+        return real(*a, **kw)
+    monkeypatch.setattr(train_module, "train_step", step)
+
+
+def without_timings(rec):
+    return [{k: v for k, v in h.items() if not k.endswith("seconds")} for h in rec["history"]]
+
+
+def test_interrupted_run_resumes_from_its_partial_run_directory(tmp_path, monkeypatch, capsys):
+    s = spec("mtd", epochs=3)
+    ref = run_all([s], tmp_path / "ref", quiet=True)[0]
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        interrupt_at(m, 5)  # epoch 3, first step: epochs 1 and 2 are checkpointed
+        with pytest.raises(Interrupt):
+            run_all([s], out, quiet=True)
+    partial = runner.partial_path(out, s)
+    assert partial == out / ".partial" / result_path(out, s).stem
+    assert (partial / "checkpoint_last.pt").is_file() and not result_path(out, s).exists()
+    assert [json.loads(x)["epoch"] for x in (partial / "epochs.jsonl").read_text().splitlines()] == [1, 2]
+
+    steps = []
+    real_step = train_module.train_step
+    monkeypatch.setattr(train_module, "train_step", lambda *a, **kw: steps.append(1) or real_step(*a, **kw))
+    rec = run_all([s], out, quiet=True)[0]
+    assert len(steps) == 2  # only epoch 3 trained again (max_steps_per_epoch=2)
+    assert without_timings(rec) == without_timings(ref)  # exactly the uninterrupted run
+    assert rec["metrics"] == ref["metrics"] and rec["best_epoch"] == ref["best_epoch"]
+    assert not partial.exists()  # removed once the result file is written
+    assert json.loads(result_path(out, s).read_text()) == rec
+
+    # a partial run made by another spec under the same file name is set aside, not resumed
+    other = spec("mtd", epochs=3, over={"hidden_size": 12})
+    with monkeypatch.context() as m:
+        interrupt_at(m, 3)
+        with pytest.raises(Interrupt):
+            run_all([other], tmp_path / "x", quiet=True)
+    capsys.readouterr()
+    steps.clear()
+    rec = run_all([s], tmp_path / "x", quiet=True)[0]
+    assert len(steps) == 6  # all three epochs, from the beginning
+    assert without_timings(rec) == without_timings(ref)
+    stale = runner.partial_path(tmp_path / "x", s).with_name(result_path(out, s).stem + ".stale")
+    assert (stale / "run.json").is_file()
+    assert "cannot be resumed" in capsys.readouterr().err
+
+
 def test_merged_table_equals_the_files(tmp_path):
     specs = [spec(m, s) for m in ("stamp", "pop") for s in (0, 1)] + [spec("pop", 0, label="pop-again")]
     run_all(specs, tmp_path, quiet=True)

@@ -9,8 +9,14 @@
 made by the same spec (dataset, fraction, synthetic options, model, label, seed, epochs,
 overrides), and retrains the others. A corrupt, truncated or mismatching file is never
 merged: it is moved aside to `NAME.json.replaced` (one line says why) and the run is
-redone. Each file is written atomically right after its run, so an interrupted study
-loses at most the run in progress and the next invocation continues from there.
+redone. Each file is written atomically right after its run.
+
+A run in progress trains in its own run directory, `OUT/.partial/<result file stem>/`
+(`mtd_fast.rundir`: a checkpoint after every epoch), so an interrupted study loses at most
+the epoch in progress: the next invocation resumes that run from its last checkpoint,
+exactly where it stopped, and removes the directory once the result file is written. A
+partial run made by another spec (other config, data or epochs) is moved aside to
+`<stem>.stale` and the run starts over.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -42,6 +49,7 @@ log = logging.getLogger("mtd_fast")
 FORMAT = "mtd_fast/run-result"
 FORMAT_VERSION = 1
 TABLE_KEYS = ("P@5", "P@10", "P@20", "MRR@5", "MRR@10", "MRR@20")  # the paper's Tables 2/3
+PARTIAL_DIR = ".partial"  # OUT/.partial/<stem>/: the run directories of unfinished runs
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
 # MTD_SPEC.md section 7: published P@20 / MRR@20 (SR-GNN protocol: best epoch on TEST,
@@ -171,6 +179,11 @@ def dataset_part(spec: RunSpec) -> str:
 def result_path(out_dir: os.PathLike | str, spec: RunSpec) -> Path:
     """`OUT/<dataset>[_frac<F>][-<synthetic options>]__<label>__seed<S>.json`."""
     return Path(out_dir) / f"{dataset_part(spec)}__{spec.label}__seed{spec.seed}.json"
+
+
+def partial_path(out_dir: os.PathLike | str, spec: RunSpec) -> Path:
+    """The run directory a spec trains in until its result file is written."""
+    return Path(out_dir) / PARTIAL_DIR / result_path(out_dir, spec).stem
 
 
 def checkpoint_path(out_dir: os.PathLike | str, spec: RunSpec) -> Path:
@@ -439,8 +452,8 @@ def run_all(specs: Sequence[RunSpec], out_dir: os.PathLike | str, *, quiet: bool
                 what = f"{dataset_part(s)} {s.label} seed {s.seed}"
                 bar.start(what)
                 t0 = time.perf_counter()
-                res = train(ds, model=s.model, epochs=s.epochs, seed=s.seed, backend=backend, quiet=quiet,
-                            **s.overrides_dict)
+                run_dir = partial_path(out_dir, s)
+                res = _train_resumably(train, ds, s, run_dir, backend, quiet, bar)
                 wall = time.perf_counter() - t0
                 rec = _make_record(s, res, ds, stats, command or s.api_call(), wall)
                 if checkpoints:
@@ -448,6 +461,7 @@ def run_all(specs: Sequence[RunSpec], out_dir: os.PathLike | str, *, quiet: bool
 
                     atomic_save(checkpoint_path(out_dir, s), lambda tmp: save(res.model, tmp))
                 atomic_write_json(old, rec)
+                shutil.rmtree(run_dir, ignore_errors=True)
                 rec = json.loads(json.dumps(rec, default=str))  # exactly what the file holds
                 for j in idxs:
                     if specs[j] == s:
@@ -460,6 +474,26 @@ def run_all(specs: Sequence[RunSpec], out_dir: os.PathLike | str, *, quiet: bool
     finally:
         bar.close()
     return [records[i] for i in range(len(specs))]
+
+
+def _train_resumably(train, ds, spec: RunSpec, run_dir: Path, backend: Any, quiet: bool, bar):
+    """Train `spec` in `run_dir`, resuming the partial run there when it was made by the same
+    spec; a partial run made by another one is moved aside and the run starts over."""
+    from ..rundir import RUN_FILE, RunDirError
+
+    kw = dict(model=spec.model, epochs=spec.epochs, seed=spec.seed, backend=backend, quiet=quiet,
+              **spec.overrides_dict)
+    if (run_dir / RUN_FILE).is_file():
+        try:
+            return train(ds, run_dir=run_dir, resume=True, **kw)
+        except RunDirError as exc:
+            stale = run_dir.with_name(run_dir.name + ".stale")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(run_dir, stale)
+            bar.write(f"partial run {run_dir} cannot be resumed ({exc}); moved to {stale.name}, starting over")
+    elif run_dir.exists():  # a folder without a run record: a start that crashed before writing one
+        shutil.rmtree(run_dir)
+    return train(ds, run_dir=run_dir, **kw)
 
 
 # ---- merging ---------------------------------------------------------------------------------
