@@ -34,7 +34,7 @@ import pytest
 from mtd_fast.data import Sessions, load_dataset, pad_batch
 from mtd_fast.graph import GlobalGraph, global_graph_ref, session_graphs_ref
 
-from harness import data_dir_or_skip
+from harness import benchmark_median, data_dir_or_skip
 
 SMOKE = os.environ.get("MTD_BENCH_SMOKE") == "1"
 BATCH = 64 if SMOKE else 512
@@ -137,12 +137,7 @@ def assert_same_session_graphs(ref, got) -> None:
 
 def _timed(benchmark, fn: Callable, rounds: int, warmup_rounds: int = 1) -> float:
     """Run `fn` under pytest-benchmark; the median seconds (own timing if benchmarking is off)."""
-    t0 = time.perf_counter()
-    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None:
-        return float(stats.stats.median)
-    return (time.perf_counter() - t0) / max(rounds + warmup_rounds, 1)
+    return benchmark_median(benchmark, fn, rounds, warmup_rounds)
 
 
 def _vm_kib(key: str) -> Optional[int]:

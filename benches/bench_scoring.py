@@ -1,15 +1,21 @@
 """Full-catalogue scoring without (batch, M) logits: training step, evaluation, recommend.
 
+The bench of the op `linear_cross_entropy` (the training step below: its providers, checked
+and timed; `gpu_timings` is what benches/gpu_check.py calls for the op's GPU timings) and of
+its inference side (ranking and top-k over the catalogue in chunks, `mtd_fast.metrics`).
+
 d = 100, batch 512, synthetic catalogues of 43,097 (Diginetica), 1,000,000 and 5,000,000
 items (q ~ N(0, 1), table ~ N(0, 0.1^2): logits ~ N(0, 1); targets uniform). Cases, each
 checked for correctness before it is timed:
 
 1. training step = forward + backward of the mean cross-entropy of q @ T.T (q and T leaves):
-   `eager` (F.cross_entropy on the full logits, the reference), `chunked` (the op's CPU
-   auto backend; its strategy by catalogue size), `chunked-rows` / `chunked-items` (the
-   strategy auto does not pick at that size: the study behind ROWS_MAX_ITEMS), and
-   `triton` on CUDA. Correctness: on the first 32 rows against float64 (computed in
-   catalogue chunks), the error of each must be at most twice eager fp32's own (+1e-7).
+   `eager` (`linear_cross_entropy_ref`: F.cross_entropy on the full logits), `chunked` (the
+   op's CPU auto backend; its strategy by catalogue size), `chunked-rows` / `chunked-items`
+   (the strategy auto does not pick at that size: the study behind ROWS_MAX_ITEMS), and the
+   GPU provider `triton` (skipped without CUDA; on CPU tensors under TRITON_INTERPRET=1 with
+   MTD_BENCH_SMOKE=1, at the smallest catalogue). With CUDA every case runs on the GPU.
+   Correctness: on the first 32 rows against float64 (computed in catalogue chunks), the
+   error of each must be at most twice eager fp32's own (+1e-7).
    Peak memory: each (case, M) once in a fresh subprocess, peak RSS of the step above the
    RSS before it (inputs allocated; Linux VmHWM reset through /proc/self/clear_refs); it
    includes the table gradient (M x d fp32, 381 MB at 1M items), which any method
@@ -47,15 +53,25 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import pytest
 import torch
-import torch.nn.functional as F
 
 from mtd_fast.metrics import ranks_from_parts, ranks_from_scores, topk_from_parts, topk_from_scores
 from mtd_fast.ops import describe, linear_cross_entropy
-from mtd_fast.ops.linear_cross_entropy import linear_cross_entropy_chunked, plan_chunks
+from mtd_fast.ops.linear_cross_entropy import linear_cross_entropy_chunked, linear_cross_entropy_ref, plan_chunks
 
-SMOKE = os.environ.get("MTD_BENCH_SMOKE") == "1"
+from harness import (
+    CUDA,
+    SMOKE,
+    add_ratios,
+    benchmark_median,
+    cuda_ms,
+    dtype_name,
+    gpu_skip_reason,
+    interleaved,
+    measure,
+    pytest,
+)
+
 BATCH = 48 if SMOKE else 512
 EVAL_BATCH = 64 if SMOKE else 1024
 DIM = 16 if SMOKE else 100
@@ -68,7 +84,6 @@ CHECK_ROWS = 32
 EAGER_MAX_BYTES = 12 << 30  # eager holds ~3 (batch x M) fp32 matrices at its peak
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULTS: dict = {"step": {}, "memory": {}, "ratio": {}, "eval": {}, "recommend": {}}
-CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
 
@@ -82,15 +97,21 @@ def _rounds(m: int) -> int:
 _INPUTS: dict = {}
 
 
+def make_inputs(batch: int, m: int, dim: int, seed: int, device=DEVICE):
+    """q (batch, dim) ~ N(0, 1), table (m, dim) ~ N(0, 0.1^2) (logits ~ N(0, 1)), targets
+    (batch,) uniform in [0, m), on `device`."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, dim, generator=gen)
+    table = torch.randn(m, dim, generator=gen).mul_(0.1)
+    y = torch.randint(0, m, (batch,), generator=gen)
+    return tuple(t.to(device) for t in (q, table, y))
+
+
 def inputs(m: int):
     """(q (BATCH, DIM), table (m, DIM), targets (BATCH,)), generated once per size."""
     if m not in _INPUTS:
         _INPUTS.clear()  # one catalogue at a time: 5M x 100 fp32 is 2 GB
-        gen = torch.Generator().manual_seed(m)
-        q = torch.randn(BATCH, DIM, generator=gen)
-        table = torch.randn(m, DIM, generator=gen).mul_(0.1)
-        y = torch.randint(0, m, (BATCH,), generator=gen)
-        _INPUTS[m] = tuple(t.to(DEVICE) for t in (q, table, y))
+        _INPUTS[m] = make_inputs(BATCH, m, DIM, m)
     return _INPUTS[m]
 
 
@@ -100,7 +121,7 @@ def eager_bytes(m: int, batch: int = BATCH) -> int:
 
 def step_fn(name: str) -> Callable:
     if name == "eager":
-        return lambda q, t, y: F.cross_entropy(q @ t.t(), y)
+        return linear_cross_entropy_ref
     if name == "chunked":
         return lambda q, t, y: linear_cross_entropy(q, t, y, backend={"linear_cross_entropy": "chunked"})
     if name in ("chunked-rows", "chunked-items"):
@@ -178,32 +199,25 @@ def check_step(name: str, m: int) -> dict:
 # ---------------------------------------------------------------------------------- timing
 def _timed(benchmark, fn: Callable, rounds: int) -> float:
     """pytest-benchmark's median seconds (own timing when benchmarking is disabled)."""
-    t0 = time.perf_counter()
-    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0 if SMOKE else 1)
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None:
-        return float(stats.stats.median)
-    return (time.perf_counter() - t0) / max(rounds + (0 if SMOKE else 1), 1)
+    return benchmark_median(benchmark, fn, rounds, warmup=0 if SMOKE else 1)
 
 
 def _interleaved(fns: dict, rounds: int, clock=time.perf_counter) -> dict:
     """Per name: (min, median) seconds, calls alternating so load changes hit all alike."""
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = clock()
-            f()
-            times[k].append(clock() - t0)
-    return {k: (min(v), statistics.median(v)) for k, v in times.items()}
+    return {k: (min(v), statistics.median(v)) for k, v in interleaved(fns, rounds, clock).items()}
 
 
 # ------------------------------------------------------------------------ 1. training step
-STEP_NAMES = ["eager", "chunked", "chunked-rows", "chunked-items"] + (["triton"] if CUDA else [])
+STEP_NAMES = ["eager", "chunked", "chunked-rows", "chunked-items", "triton"]
 
 
 @pytest.mark.parametrize("m", SIZES)
 @pytest.mark.parametrize("name", STEP_NAMES)
 def test_step(benchmark, name, m):
+    if name == "triton" and gpu_skip_reason(name):
+        pytest.skip(gpu_skip_reason(name))
+    if name == "triton" and not CUDA and m != DIGI:
+        pytest.skip("the Triton interpreter runs the smallest catalogue only (seconds per call above)")
     if name == "eager" and eager_bytes(m) > EAGER_MAX_BYTES:
         pytest.skip(f"eager at {m:,} items needs ~{eager_bytes(m) / 2**30:.0f} GB of logits (3 x batch x M fp32)")
     if name.startswith("chunked-") and plan_chunks(BATCH, m)[0] == name.split("-")[1]:
@@ -258,6 +272,34 @@ def test_step_peak_memory(name, m):
     if name == "chunked" and m == 1_000_000:
         # the issue's goal, asserted: memory does not depend on the load of the machine
         assert out["extra_bytes"] < 1 << 30, f"chunked step at 1M items: {out['extra_bytes'] / 2**20:.0f} MB extra"
+
+
+def gpu_timings(dev, batch: int, dim: int, sizes, dtypes, timer: Callable[[Callable], float] = cuda_ms) -> list[dict]:
+    """The op's GPU timings (benches/gpu_check.py's `lce_timings`): forward + backward of the
+    scoring loss, `triton`, the `chunked` PyTorch backend and the eager `reference`, per
+    catalogue size and dtype; `timer` ms (CUDA events), the first call and, on CUDA, the peak
+    memory of a step above what was allocated before it (inputs and their gradients' first
+    allocation excluded: set_to_none)."""
+    rows = []
+    impls = {"triton": step_fn("triton"), "chunked": step_fn("chunked"), "reference": step_fn("eager")}
+    for m in sizes:
+        for dtype in dtypes:
+            q0, t0, y = make_inputs(batch, m, dim, m, dev)
+            q, table = q0.to(dtype).requires_grad_(True), t0.to(dtype).requires_grad_(True)
+            for name, fn in impls.items():
+                def step(fn=fn):
+                    q.grad = table.grad = None
+                    fn(q, table, y).backward()
+                row = {"op": "linear_cross_entropy", "dtype": dtype_name(dtype), "M": m, "impl": name}
+                if CUDA:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                row.update(measure(step, timer))
+                if CUDA:
+                    row["peak_extra_MB"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+                rows.append(row)
+    return add_ratios(rows, ("M", "dtype"), batch)
 
 
 # ------------------------------------------------------------------ 2. same-run ratio at 43k

@@ -35,7 +35,7 @@ from mtd_fast.data import Sessions, load_dataset
 from mtd_fast.graph import global_graph_ref
 from mtd_fast.ops import spmm_ref
 
-from harness import data_dir_or_skip
+from harness import SMOKE, benchmark_median, data_dir_or_skip, interleaved
 
 try:
     from mtd_fast.ops.spmm_cpp import clear_transpose_cache, extension_info, spmm_cpp, transpose_cache_stats
@@ -45,7 +45,6 @@ except ImportError as exc:
     spmm_cpp = None
     _WHY = f"C++ extension not built ({exc})"
 
-SMOKE = os.environ.get("MTD_BENCH_SMOKE") == "1"
 DIM = 16 if SMOKE else 100
 ROUNDS = 1 if SMOKE else 15
 REF_ROUNDS = 1 if SMOKE else 3
@@ -165,13 +164,7 @@ def check(case: Case, y, gx=None) -> None:
 
 
 def _timed(benchmark, fn: Callable, rounds: int) -> float:
-    """Run `fn` under pytest-benchmark; median seconds (own timing when benchmarking is disabled)."""
-    t0 = time.perf_counter()
-    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=WARMUP)
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None:
-        return float(stats.stats.median)
-    return (time.perf_counter() - t0) / max(rounds + WARMUP, 1)
+    return benchmark_median(benchmark, fn, rounds, WARMUP)
 
 
 def _record(benchmark, key: str, case: Case, median: float, passes: int) -> None:
@@ -227,13 +220,7 @@ def test_gcn_fwd_only(benchmark, und, name):
 def _interleaved(fns: dict[str, Callable], rounds: int,
                  clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Min seconds of each fn, calls alternating, so load changes hit all of them alike."""
-    best = {k: float("inf") for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = clock()
-            f()
-            best[k] = min(best[k], clock() - t0)
-    return best
+    return {k: min(v) for k, v in interleaved(fns, rounds, clock).items()}
 
 
 @needs_ext

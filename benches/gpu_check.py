@@ -24,14 +24,17 @@ under 5 minutes, most of it kernel compilation):
    rules with the dT / dq sums over up to 43k terms; and the chunked ranking / top-k on
    CUDA tensors against the full-matrix ones (integer equality, recorded: cuBLAS may
    round a chunk's GEMM differently from the full one);
-2. timing of forward + backward (CUDA events, median of 50 after 10 warm-up calls) at
+2. timing of forward + backward (CUDA events, median of 50 after 10 warm-up calls), by the
+   per-op benches (their GPU providers: `BENCH.gpu_rows` of benches/bench_session_attention.py
+   and benches/bench_aggregate.py, `gpu_timings` of benches/bench_scoring.py), at
    batch 512, padded length 50 (and 20; and 164, the tiled path), d = 100, fp32 and bf16:
    the Triton kernel (and, at widths <= 128, its tiled variant, to tune MAX_FUSED_LEN), the
    eager reference, `scaled_dot_product_attention` (attention, no dropout mask: SDPA
    cannot take one), and torch.compile of the reference (at L = 50 only: it recompiles per
    shape, dtype and mask); linear_cross_entropy at 43,097 and 1,000,000 items: triton,
    the chunked PyTorch backend and eager, with the peak CUDA memory of each step above
-   what was allocated before it;
+   what was allocated before it (the same providers run one at a time under
+   `pytest benches/bench_<op>.py` on a GPU);
 3. HOOK: the full MTD training step, backend "triton" (every op) vs "reference"
    (`time_mtd_training_step` below, clearly marked; skipped with the reason in the JSON when
    `mtd_fast.models.mtd` is missing; its owner may replace the body).
@@ -46,10 +49,8 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -59,32 +60,35 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # the installed package, never the source tree (which lacks mtd_fast.kernels and the
-# compiled extension): drop the checkout from sys.path before the first import
+# compiled extension): drop the checkout from sys.path before the first import (benches/,
+# the folder of this script, stays: the per-op benches and their harness are imported from it)
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 
 import mtd_fast  # noqa: E402
-from mtd_fast import ops  # noqa: E402
 from mtd_fast.ops.aggregate import aggregate_ref  # noqa: E402
 from mtd_fast.ops.linear_cross_entropy import linear_cross_entropy_ref  # noqa: E402
-from mtd_fast.ops.session_attention import session_attention_ref, session_attention_sdpa  # noqa: E402
+from mtd_fast.ops.session_attention import session_attention_ref  # noqa: E402
+
+import bench_aggregate  # noqa: E402
+import bench_scoring  # noqa: E402
+import bench_session_attention  # noqa: E402
+from harness import compare_rows, cuda_ms, geometric_lengths  # noqa: E402
 
 SMOKE = os.environ.get("MTD_GPU_CHECK_SMOKE") == "1"
 BATCH, DIM = (7, 16) if SMOKE else (512, 100)
 LCE_ITEMS = (97, 300) if SMOKE else (43097, 1_000_000)
-FP32_TOL = (1e-4, 1e-4)
 COMPILE_BUDGET_S = 150  # torch.compile timings are skipped once the timing stage is this old
-BF16_FLOOR = 1e-5
-DIGI_TEST = ROOT.parent / "shared" / "data" / "diginetica" / "test.txt"
+# the strict Triton requests of the per-op benches ({op: "triton"}: raises instead of falling back)
+session_attention_triton = bench_session_attention.session_attention_triton
+aggregate_triton = bench_aggregate.aggregate_triton
+_force_tiled = bench_session_attention.session_attention_triton_tiled  # tiled kernels at any width
+lce_triton, lce_chunked = bench_scoring.step_fn("triton"), bench_scoring.step_fn("chunked")
 
 
-def _lengths(b: int, width: int, seed: int, device) -> torch.Tensor:
-    """Diginetica-like lengths (geometric, mean 4.85), clipped to width; first 1, last full."""
-    gen = torch.Generator().manual_seed(seed)
-    u = torch.rand(b, generator=gen).clamp_min(1e-12)
-    lens = (torch.log(u) / math.log(1 - 1 / 4.85)).floor().long() + 1
-    lens = lens.clamp(1, width)
-    lens[0], lens[-1] = 1, width
-    return lens.to(device)
+def _timer(step) -> float:
+    if SMOKE:  # interpreter on the CPU: one call, wall clock; the numbers mean nothing
+        return cuda_ms(step, warmup=0, iters=1)
+    return cuda_ms(step)
 
 
 # ------------------------------------------------------------------------------------------
@@ -106,39 +110,9 @@ def _agg_run(fn, h, hp, a, g, lens, gamma, mode, gx, gp, dtype):
 
 
 def _compare(case: str, names, fast32, ref32, fast16, ref16) -> list[dict]:
-    rows = []
-    atol, rtol = FP32_TOL
-    for n, f, r in zip(names, fast32, ref32):
-        err = (f.float() - r.float()).abs()
-        bound = atol + rtol * r.float().abs()
-        finite = bool(torch.isfinite(f).all())
-        rows.append({"case": case, "tensor": n, "dtype": "fp32", "max_err": err.max().item(),
-                     "finite": finite, "ok": bool((err <= bound).all()) and finite})
-    for n, f, r16, r in zip(names, fast16, ref16, ref32):
-        e_fast = (f.float() - r.float()).abs().max().item()
-        e_ref = (r16.float() - r.float()).abs().max().item()
-        finite = bool(torch.isfinite(f).all())
-        rows.append({"case": case, "tensor": n, "dtype": "bf16", "max_err": e_fast, "ref_bf16_err": e_ref,
-                     "finite": finite, "ok": e_fast <= 2 * e_ref + BF16_FLOOR and finite})
-    return rows
-
-
-def session_attention_triton(q, k, v, lengths, num_heads=1, dropout_mask=None):
-    """The Triton kernel, reached through the public op with a strict request."""
-    return ops.session_attention(q, k, v, lengths, num_heads=num_heads, dropout_mask=dropout_mask,
-                                 backend={"session_attention": "triton"})
-
-
-def aggregate_triton(h, hp, a, g, lengths, gamma=0.75, mode="additive"):
-    return ops.aggregate(h, hp, a, g, lengths, gamma=gamma, mode=mode, backend={"aggregate": "triton"})
-
-
-def lce_triton(q, table, targets):
-    return ops.linear_cross_entropy(q, table, targets, backend={"linear_cross_entropy": "triton"})
-
-
-def lce_chunked(q, table, targets):
-    return ops.linear_cross_entropy(q, table, targets, backend={"linear_cross_entropy": "chunked"})
+    """fp32 within harness.FP32_TOL; bf16 (when run) by the bf16 rule, both against ref32."""
+    return compare_rows(case, names, fast32, ref32) + (compare_rows(case, names, fast16, ref32, ref16)
+                                                       if fast16 else [])
 
 
 def check_attention(dev) -> list[dict]:
@@ -151,7 +125,7 @@ def check_attention(dev) -> list[dict]:
     for b, L, d, h, drop in cases:
         gen = torch.Generator().manual_seed(b + L + d + h)
         q, k, v, go = (torch.randn(b, L, d, generator=gen).to(dev) for _ in range(4))
-        lens = _lengths(b, L, b + L, dev)
+        lens = geometric_lengths(b, L, b + L, dev)
         mask = ((torch.rand(b, h, L, L, generator=gen) < 0.7).float() / 0.7).to(dev) if drop else None
         case = f"attention B={b} L={L} d={d} h={h} drop={drop}"
         names = ("out", "dq", "dk", "dv")
@@ -184,7 +158,7 @@ def check_aggregate(dev) -> list[dict]:
         h, hp = torch.randn(b, L, d, generator=gen).to(dev), torch.randn(b, L, d, generator=gen).to(dev)
         a, g = torch.randn(b, d, generator=gen).to(dev), torch.randn(d, generator=gen).to(dev)
         gx, gp = torch.randn(b, d, generator=gen).to(dev), torch.randn(b, d, generator=gen).to(dev)
-        lens = _lengths(b, L, b + L, dev)
+        lens = geometric_lengths(b, L, b + L, dev)
         gam = torch.tensor(0.75, device=dev) if gamma == "t" else gamma
         case = f"aggregate B={b} L={L} d={d} {mode} gamma={'tensor' if gamma == 't' else gamma}"
         names = ("x_s", "p_s", "dh", "dhp", "da", "dg") + (("dgamma",) if gamma == "t" else ())
@@ -197,124 +171,27 @@ def check_aggregate(dev) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------
-# timing
+# timing: the per-op benches' GPU providers
 # ------------------------------------------------------------------------------------------
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _time_cuda(step, warmup: int = 10, iters: int = 50) -> float:
-    if SMOKE:  # interpreter on the CPU: one call, wall clock; the numbers mean nothing
-        t0 = time.perf_counter()
-        step()
-        return (time.perf_counter() - t0) * 1e3
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        step()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
-
-
-def _force_tiled(*args, **kwargs):
-    """The Triton attention (strict request) with the tiled kernels whatever the width."""
-    from mtd_fast.kernels import session_attention as sa
-
-    old = sa.MAX_FUSED_LEN
-    sa.MAX_FUSED_LEN = 0
-    try:
-        return session_attention_triton(*args, **kwargs)
-    finally:
-        sa.MAX_FUSED_LEN = old
-
-
 def timings(dev) -> list[dict]:
-    from mtd_fast.kernels import session_attention as sa
-
-    rows = []
+    """session_attention (with and without a dropout mask) and aggregate: triton, the tiled
+    triton at widths <= 128, the eager reference, SDPA, torch.compile (L = 50, while the stage
+    is younger than COMPILE_BUDGET_S), fp32 and bf16, L = 50, 20, 164."""
     t_start = time.perf_counter()
-    for dtype in ((torch.float32,) if SMOKE else (torch.float32, torch.bfloat16)):
-        for L in ((20,) if SMOKE else (50, 20, 164)):  # 164: a Retailrocket-like batch, tiled kernels
-            # torch.compile recompiles per shape / dtype / mask (10-30 s each): only at L = 50,
-            # and only while the run is young, to stay inside the few-minute budget
-            use_compile = L == 50 and time.perf_counter() - t_start < COMPILE_BUDGET_S and not SMOKE
-            compiled_attn = torch.compile(session_attention_ref, dynamic=False) if use_compile else None
-            compiled_agg = torch.compile(aggregate_ref, dynamic=False) if use_compile else None
-            gen = torch.Generator().manual_seed(L)
-            lens = _lengths(BATCH, L, L, dev)
-            q, k, v = (torch.randn(BATCH, L, DIM, generator=gen).to(dev, dtype).requires_grad_(True) for _ in range(3))
-            go = torch.randn(BATCH, L, DIM, generator=gen).to(dev, dtype)
-            mask = ((torch.rand(BATCH, 1, L, L, generator=gen) < 0.7).float() / 0.7).to(dev, dtype)
-            attn = {"triton": session_attention_triton, "reference": session_attention_ref,
-                    "sdpa": session_attention_sdpa}
-            if L <= sa.MAX_FUSED_LEN and not SMOKE:  # the tiled kernels at the same width: to tune MAX_FUSED_LEN
-                attn["triton_tiled"] = _force_tiled
-            if compiled_attn is not None:
-                attn["compile"] = compiled_attn
-            for m in (None, mask):
-                for name, fn in attn.items():
-                    if m is not None and name == "sdpa":
-                        continue  # SDPA cannot take an external dropout mask (it would be the reference)
-
-                    def step(fn=fn, m=m):
-                        for t in (q, k, v):
-                            t.grad = None
-                        fn(q, k, v, lens, num_heads=1, dropout_mask=m).backward(go)
-                    rows.append({"op": "session_attention" + ("+dropout" if m is not None else ""),
-                                 "dtype": str(dtype).split(".")[-1], "L": L, "impl": name, **_measure(step)})
-            h, hp = (torch.randn(BATCH, L, DIM, generator=gen).to(dev, dtype).requires_grad_(True) for _ in range(2))
-            a = torch.randn(BATCH, DIM, generator=gen).to(dev, dtype).requires_grad_(True)
-            g = torch.randn(DIM, generator=gen).to(dev, dtype).requires_grad_(True)
-            gx, gp = (torch.randn(BATCH, DIM, generator=gen).to(dev, dtype) for _ in range(2))
-            agg = [("triton", aggregate_triton), ("reference", aggregate_ref)]
-            if compiled_agg is not None:
-                agg.append(("compile", compiled_agg))
-            for name, fn in agg:
-                def step(fn=fn):
-                    for t in (h, hp, a, g):
-                        t.grad = None
-                    torch.autograd.backward(fn(h, hp, a, g, lens, gamma=0.75, mode="additive"), (gx, gp))
-                rows.append({"op": "aggregate", "dtype": str(dtype).split(".")[-1], "L": L, "impl": name,
-                             **_measure(step)})
-    # ratios against the eager reference of the same op / dtype / L
-    for r in rows:
-        ref = next(x for x in rows if x["op"] == r["op"] and x["dtype"] == r["dtype"] and x["L"] == r["L"]
-                   and x["impl"] == "reference")
-        r["speedup_vs_reference"] = ref["ms"] / r["ms"]
-        r["samples_per_s"] = BATCH / (r["ms"] / 1e3)
+    dtypes = (torch.float32,) if SMOKE else (torch.float32, torch.bfloat16)
+    widths = (20,) if SMOKE else (50, 20, 164)  # 164: a Retailrocket-like batch, tiled kernels
+    rows = []
+    for bench in (bench_session_attention, bench_aggregate):
+        # smoke: no torch.compile, no forced tiling (the interpreter's time is the CI's)
+        cands = [(p, d) for p, d in bench.GPU if not (SMOKE and p in ("compile", "triton_tiled"))]
+        rows += bench.BENCH.gpu_rows(dev, BATCH, DIM, widths, dtypes, cands, timer=_timer,
+                                     compile_until=t_start + COMPILE_BUDGET_S)
     return rows
-
-
-def _measure(step) -> dict:
-    """First call (compilation included) and steady-state ms; an error is recorded, not raised."""
-    try:
-        t0 = time.perf_counter()
-        step()
-        _sync()
-        first = time.perf_counter() - t0
-        return {"ms": _time_cuda(step), "first_call_s": first}
-    except Exception as exc:
-        return {"ms": float("nan"), "first_call_s": float("nan"), "error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
 # ------------------------------------------------------------------------------------------
 # linear cross-entropy (full softmax over an item table) and chunked ranking
 # ------------------------------------------------------------------------------------------
-def _lce_inputs(b: int, m: int, d: int, seed: int, dev):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, d, generator=gen).to(dev)
-    table = (torch.randn(m, d, generator=gen) * 0.1).to(dev)  # logits ~ N(0, 1)
-    y = torch.randint(0, m, (b,), generator=gen).to(dev)
-    return q, table, y
-
-
 def _lce_run(fn, q, table, y, dtype):
     qa, ta = (x.detach().to(dtype).requires_grad_(True) for x in (q, table))
     loss = fn(qa, ta, y)
@@ -327,7 +204,7 @@ def check_linear_cross_entropy(dev) -> list[dict]:
     cases = ((BATCH, LCE_ITEMS[0], DIM), (37, 1000, 64), (13, 100_003, DIM)) if not SMOKE else \
         ((BATCH, LCE_ITEMS[0], DIM), (3, 50, 8))
     for b, m, d in cases:
-        q, table, y = _lce_inputs(b, m, d, b + m + d, dev)
+        q, table, y = bench_scoring.make_inputs(b, m, d, b + m + d, dev)
         case = f"linear_cross_entropy B={b} M={m} d={d}"
         names = ("loss", "dq", "dT")
         f32 = _lce_run(lce_triton, q, table, y, torch.float32)
@@ -348,7 +225,7 @@ def check_ranking(dev) -> list[dict]:
 
     rows = []
     for b, m in ((BATCH, LCE_ITEMS[0]), (64, LCE_ITEMS[1])):
-        q, table, _ = _lce_inputs(b, m, DIM, 7 + b, dev)
+        q, table, _ = bench_scoring.make_inputs(b, m, DIM, 7 + b, dev)
         y = torch.randint(1, m + 1, (b,), generator=torch.Generator().manual_seed(b)).to(dev)
         scores = q @ table.t()
         r_full, r_chunk = ranks_from_scores(scores, y), ranks_from_parts(q, table, y)
@@ -362,32 +239,9 @@ def check_ranking(dev) -> list[dict]:
 
 def lce_timings(dev) -> list[dict]:
     """Forward + backward of the scoring loss at batch 512, d 100: triton, the chunked PyTorch
-    backend and eager, fp32 and bf16, with the peak CUDA memory of a step above what was
-    allocated before it (inputs and their gradients' first allocation excluded: set_to_none)."""
-    rows = []
-    impls = {"triton": lce_triton, "chunked": lce_chunked, "reference": linear_cross_entropy_ref}
-    for m in LCE_ITEMS:
-        for dtype in ((torch.float32,) if SMOKE else (torch.float32, torch.bfloat16)):
-            q0, t0, y = _lce_inputs(BATCH, m, DIM, m, dev)
-            q, table = q0.to(dtype).requires_grad_(True), t0.to(dtype).requires_grad_(True)
-            for name, fn in impls.items():
-                def step(fn=fn):
-                    q.grad = table.grad = None
-                    fn(q, table, y).backward()
-                row = {"op": "linear_cross_entropy", "dtype": str(dtype).split(".")[-1], "M": m, "impl": name}
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    before = torch.cuda.memory_allocated()
-                row.update(_measure(step))
-                if torch.cuda.is_available():
-                    row["peak_extra_MB"] = (torch.cuda.max_memory_allocated() - before) / 2**20
-                rows.append(row)
-    for r in rows:
-        ref = next(x for x in rows if x["M"] == r["M"] and x["dtype"] == r["dtype"] and x["impl"] == "reference")
-        r["speedup_vs_reference"] = ref["ms"] / r["ms"]
-        r["samples_per_s"] = BATCH / (r["ms"] / 1e3)
-    return rows
+    backend and eager, fp32 and bf16, with the peak CUDA memory of a step (bench_scoring)."""
+    dtypes = (torch.float32,) if SMOKE else (torch.float32, torch.bfloat16)
+    return bench_scoring.gpu_timings(dev, BATCH, DIM, LCE_ITEMS, dtypes, timer=_timer)
 
 
 # ------------------------------------------------------------------------------------------
@@ -413,7 +267,7 @@ def time_mtd_training_step(dev) -> dict:
     from mtd_fast.data import Sessions
 
     n_items = LCE_ITEMS[0]
-    lens = _lengths(BATCH, 50, 7, "cpu").tolist()
+    lens = geometric_lengths(BATCH, 50, 7, "cpu").tolist()
     rng = np.random.default_rng(0)
     seqs = [list(rng.integers(1, n_items + 1, size=n)) for n in lens]
     targets = torch.tensor(rng.integers(1, n_items + 1, size=BATCH), device=dev)
@@ -430,7 +284,7 @@ def time_mtd_training_step(dev) -> dict:
             opt.zero_grad(set_to_none=True)
             model.loss(batch, targets).backward()
             opt.step()
-        out[f"{label}_ms"] = _time_cuda(step, warmup=5, iters=20)
+        out[f"{label}_ms"] = cuda_ms(step, warmup=0, iters=1) if SMOKE else cuda_ms(step, warmup=5, iters=20)
     out["speedup"] = out["reference_ms"] / out["triton_ms"]
     return out
 

@@ -8,8 +8,9 @@ the result is the mean over the batch, a 0-dim tensor of q's dtype. The models p
 `targets - 1` (item ids 1..M, row j of the table is item j + 1; id 0 is the padding id and
 never a target). There is no `ignore_index`: every target must be a valid row.
 
-Tests: tests/test_linear_cross_entropy.py. Benches: benches/bench_scoring.py and
-benches/large_catalogue.py (CPU, 1M items), benches/gpu_check.py (GPU).
+Tests: tests/test_linear_cross_entropy.py. Benches: benches/bench_scoring.py (the op's bench:
+CPU and GPU providers; its GPU timings run in benches/gpu_check.py) and
+benches/large_catalogue.py (CPU, 1M items).
 
 Backends (registered at the end of this module; `linear_cross_entropy(...)` dispatches):
 - `linear_cross_entropy_ref`: the eager formula, the truth of the tests;

@@ -10,8 +10,8 @@
 - backend "triton" (`auto` on CUDA): `mtd_fast.kernels.session_attention` (whole rows) and
   `mtd_fast.kernels.session_attention_tiled` (sessions longer than 128).
 
-Tests: tests/test_session_attention.py. Bench: benches/bench_cpu_ops.py (CPU),
-benches/gpu_check.py (GPU).
+Tests: tests/test_session_attention.py. Bench: benches/bench_session_attention.py (CPU and
+GPU providers; its GPU timings run in benches/gpu_check.py).
 
 The packed backend
 ------------------
@@ -30,7 +30,7 @@ full-size zero gradient per slice and was slower than the reference). Dropout ma
 supported exactly (the mask's slice is gathered with its group), unlike an SDPA route.
 
 Small inputs (SMALL_ATTENTION) go to the reference: there the per-group overhead costs
-more than the padding saves. Measured in `benches/bench_cpu_ops.py` (batch 512,
+more than the padding saves. Measured in `benches/bench_session_attention.py` (then bench_cpu_ops.py; batch 512,
 Diginetica lengths, d 100, fwd+bwd, one thread): 2.1x (padded 20) and 6.0x (padded 50)
 faster than the reference, with or without a dropout mask; SDPA 0.87-1.05x and
 torch.compile 1.06-1.31x were not worth a backend. Works on any device (on a GPU it syncs
