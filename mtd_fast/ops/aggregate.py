@@ -7,7 +7,7 @@ section 2, steps 4-5), with every implementation of it.
   of `mtd_fast.ops.session_attention`): the valid rows (sum of the lengths) gathered into
   one (N, dim) matrix, the two masked softmaxes computed as segment softmaxes (scatter max
   / index_add), plain autograd. Below SMALL_AGGREGATE it runs the reference (same
-  function). Measured in benches/bench_aggregate.py (then bench_cpu_ops.py; batch 512, Diginetica lengths, d 100,
+  function). Measured with benches/bench_cpu_ops.py, now bench_aggregate.py (batch 512, Diginetica lengths, d 100,
   fwd+bwd, one thread): 2.1x (padded 20) and 3.9x (padded 50) faster than the reference;
 - backend "triton" (`auto` on CUDA): `mtd_fast.kernels.aggregate`.
 

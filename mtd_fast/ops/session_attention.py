@@ -30,7 +30,7 @@ full-size zero gradient per slice and was slower than the reference). Dropout ma
 supported exactly (the mask's slice is gathered with its group), unlike an SDPA route.
 
 Small inputs (SMALL_ATTENTION) go to the reference: there the per-group overhead costs
-more than the padding saves. Measured in `benches/bench_session_attention.py` (then bench_cpu_ops.py; batch 512,
+more than the padding saves. Measured with `benches/bench_cpu_ops.py`, now `bench_session_attention.py` (batch 512,
 Diginetica lengths, d 100, fwd+bwd, one thread): 2.1x (padded 20) and 6.0x (padded 50)
 faster than the reference, with or without a dropout mask; SDPA 0.87-1.05x and
 torch.compile 1.06-1.31x were not worth a backend. Works on any device (on a GPU it syncs
