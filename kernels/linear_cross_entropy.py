@@ -49,12 +49,12 @@ from mtd_fast.ops.linear_cross_entropy import check_inputs, linear_cross_entropy
 from .common import AOT_DTYPES, aot_signature, check_device, dot_precision
 
 __all__ = ["linear_cross_entropy_triton", "LinearCrossEntropyFunction", "linear_cross_entropy_forward",
-           "linear_cross_entropy_backward", "MAX_DIM", "uses_kernels", "aot_cases"]
+           "linear_cross_entropy_backward", "MAX_DIM", "TARGET_PROGRAMS", "uses_kernels", "aot_cases"]
 
 MAX_DIM = 1024
 # programs to aim for: a few per SM of an H100/H200 (132 SMs), so the splits of a small
-# catalogue still fill the GPU
-_TARGET_PROGRAMS = 528
+# catalogue still fill the GPU (the tests lower it to reach the multi-tile loops on small cases)
+TARGET_PROGRAMS = 528
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,8 +185,8 @@ def _num_warps(backward: bool = False, dtype: torch.dtype = torch.float32) -> in
 
 def _tiles(n_tiles: int, other_programs: int) -> int:
     """Tiles per program (a power of two, so few specialisations): enough programs to fill
-    the GPU (_TARGET_PROGRAMS), then longer loops."""
-    want = max(1, _TARGET_PROGRAMS // max(1, other_programs))
+    the GPU (TARGET_PROGRAMS), then longer loops."""
+    want = max(1, TARGET_PROGRAMS // max(1, other_programs))
     per = max(1, math.ceil(n_tiles / want))
     return triton.next_power_of_2(per)
 

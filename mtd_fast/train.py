@@ -22,12 +22,14 @@ Around that schedule (README "Run directories, resume, determinism, multi-proces
   phase on rank 0 and broadcast, sharded evaluation, rank 0 writes;
 - parameters and gradients are checked every step: a non-finite one stops the run with
   the epoch and step, before it reaches the weights.
+
+This module holds `train` and the functions it is made of (steps, phases, epochs,
+evaluation); the run's state machine (run directory, resume, the epoch loop) is
+`mtd_fast.run.Run`, which calls those functions through this module.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import logging
 import math
 import os
@@ -45,9 +47,10 @@ from .config import PHASE_MODES, ConfigError, MTDConfig, TrainConfig, check_grap
 from .data.dataset import Dataset
 from .data.store import DataError, Samples, iter_batches
 from .distributed import Dist
-from .metrics import METRIC_KEYS, MetricAccumulator, better
+from .metrics import MetricAccumulator
 from .models import ablation_overrides, model_class
 from .models.base import SessionModel
+from .run import Run
 
 __all__ = ["train", "evaluate", "TrainResult", "build_model", "evaluate_samples", "train_step", "dgi_step",
            "graph_side", "GraphEveryStep", "epoch_lr", "rec_epoch", "graph_phase", "distributed_graph_phase",
@@ -90,7 +93,7 @@ def seed_everything(seed: int) -> None:
 
 def _bars_wanted(quiet: bool) -> bool:
     """Progress bars only on a terminal: into a file or pipe each redraw is a new line, hundreds
-    per epoch; there the one status line per epoch (`_say`) is the progress report."""
+    per epoch; there the one status line per epoch (`say`) is the progress report."""
     if quiet:
         return False
     try:
@@ -113,7 +116,9 @@ def _logging_shows_info() -> bool:
     return log.isEnabledFor(logging.INFO) and log.hasHandlers()
 
 
-def _say(msg: str, quiet: bool) -> None:
+def say(msg: str, quiet: bool) -> None:
+    """Print a status line: to logging when it shows INFO records of "mtd_fast", else unless
+    `quiet`, above a live progress bar when there is one."""
     if _logging_shows_info():
         log.info(msg)
     elif not quiet:
@@ -181,38 +186,20 @@ def _check_same_ids(model: SessionModel, dataset: Dataset) -> None:
                         "loaded (same files, fraction and compact_ids)")
 
 
-def _evaluate(net: SessionModel, samples: Samples, cfg: TrainConfig, quiet: bool, desc: str,
-              dist: Dist) -> dict[str, float]:
-    """`evaluate_samples`, sharded over the ranks under DDP (each a contiguous 1/W of the
-    samples; the metric sums are all-reduced in float64)."""
-    if not dist.enabled:
-        return evaluate_samples(net, samples, cfg.eval_batch_size, quiet, desc)
-    part = np.array_split(np.arange(len(samples)), dist.world)[dist.rank]
-    sums, problem = [0.0] * (len(METRIC_KEYS) + 1), None
-    try:
-        if len(part):
-            m = evaluate_samples(net, samples.select(part), cfg.eval_batch_size, quiet, desc)
-            sums = [m[k] * len(part) for k in METRIC_KEYS] + [float(len(part))]
-    except Exception as exc:  # every rank must learn of it, or the others wait in the reduce
-        problem = exc
-    dist.agree(problem)
-    total = dist.sum_floats(sums)
-    return {k: total[i] / total[-1] for i, k in enumerate(METRIC_KEYS)}
-
-
 def epoch_lr(cfg: TrainConfig, r: int) -> float:
     """The step-decayed lr of recommendation epoch r (0-based): lr * lr_decay^(r // lr_decay_epochs)."""
     return cfg.lr * cfg.lr_decay ** (r // cfg.lr_decay_epochs)
 
 
-def _set_lr(opt: Optional[torch.optim.Optimizer], lr: float) -> None:
+def set_lr(opt: Optional[torch.optim.Optimizer], lr: float) -> None:
+    """Set every parameter group of `opt` (None: nothing) to learning rate `lr`."""
     if opt is not None:
         for group in opt.param_groups:
             group["lr"] = lr
 
 
 # ---- non-finite checks ------------------------------------------------------------------------
-def _first_nonfinite(named: list[tuple[str, torch.Tensor]]) -> Optional[str]:
+def first_nonfinite(named: list[tuple[str, torch.Tensor]]) -> Optional[str]:
     """The name of the first tensor holding NaN or inf, else None. A sum of per-tensor sums
     first: NaN and inf propagate through it, and it costs 0.7 ms for MTD's 4.45M Diginetica
     parameters on one thread (a float64 sum took 31 ms, isfinite().all() 22 ms, against a
@@ -244,7 +231,7 @@ def _check_step(net, params: list, loss: float, when: str) -> None:
     if not math.isfinite(loss):
         raise FloatingPointError(f"the loss became {loss}")
     named = _named(net, params)
-    bad = _first_nonfinite([(n, p.grad) for n, p in named] if when == "grads" else named)
+    bad = first_nonfinite([(n, p.grad) for n, p in named] if when == "grads" else named)
     if bad is not None:
         what = "the gradient of" if when == "grads" else "the weight"
         raise FloatingPointError(f"{what} {bad} became non-finite (NaN or inf)")
@@ -427,8 +414,8 @@ def rec_epoch(net, samples: Samples, opt, params, cfg: TrainConfig, rng: np.rand
         done = (epoch - 1) * len(batches) + i  # steps before this one (every epoch has len(batches) steps)
         if done < cfg.warmup_steps:  # linear warm-up from lr / warmup_steps to the epoch's lr
             lr = epoch_lr(cfg, epoch - 1) * (done + 1) / cfg.warmup_steps
-            _set_lr(opt, lr)
-            _set_lr(graph.opt if graph is not None else None, lr)
+            set_lr(opt, lr)
+            set_lr(graph.opt if graph is not None else None, lr)
         if graph is not None:
             graph.step = done
         try:
@@ -536,269 +523,7 @@ def train(dataset: Dataset, *, model: str = "mtd", epochs: int = 10, seed: int =
                 f"backend={backend!r}" + "".join(f", {k}={v!r}" for k, v in overrides.items()) + ")")
     try:
         with _determinism(tcfg.deterministic, tcfg.device):
-            return _Run(dataset, model, epochs, seed, backend, quiet, mcfg, tcfg, dist, run, resume, api_call).go()
+            return Run(sys.modules[__name__], dataset, model, epochs, seed, backend, quiet, mcfg, tcfg, dist, run,
+                       resume, api_call).go()  # this module is the trainer: Run calls its step functions here
     finally:
         torch.set_num_threads(threads_before)  # num_threads applies to this run only
-
-
-def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
-    """Every random state a run draws from, as weights_only-loadable values."""
-    np_state = list(np.random.get_state(legacy=True))
-    np_state[1] = np_state[1].tolist()
-    out = {"python": random.getstate(), "numpy": np_state, "torch": torch.get_rng_state(),
-           "batches": rng.bit_generator.state}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def _set_rng_state(s: dict[str, Any], rng: np.random.Generator) -> None:
-    random.setstate(s["python"])
-    n = s["numpy"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
-    torch.set_rng_state(s["torch"])
-    rng.bit_generator.state = s["batches"]
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-class _Run:
-    """One call of `train`: the schedule, with its state kept where a checkpoint can take it."""
-
-    def __init__(self, dataset: Dataset, model: str, epochs: int, seed: int, backend: Any, quiet: bool,
-                 mcfg: MTDConfig, tcfg: TrainConfig, dist: Dist, run, resume: bool, api_call: str) -> None:
-        self.ds, self.model_name, self.epochs, self.seed, self.backend = dataset, model, epochs, seed, backend
-        self.mcfg, self.tcfg, self.dist, self.run, self.resume, self.api_call = mcfg, tcfg, dist, run, resume, api_call
-        self.quiet = quiet or not dist.main  # one voice: rank 0's
-        self.device = dist.device_for(tcfg.device)
-        # run state (what a checkpoint holds besides weights, optimizers and RNG states)
-        self.history: list[dict[str, Any]] = []
-        self.best, self.best_state, self.best_epoch, self.bad = None, None, None, 0
-        self.epoch_done, self.graph_done, self.stopped, self.phase_result = 0, False, False, None
-
-    def say(self, msg: str) -> None:
-        """A status line, from rank 0 only (logging, if set up to show INFO, gets it even when quiet)."""
-        if self.dist.main:
-            _say(msg, self.quiet)
-
-    # ---- run directory -------------------------------------------------------------------------
-    def _identity(self) -> dict[str, Any]:
-        from .rundir import dataset_identity
-
-        return {"model": self.model_name.lower(), "seed": self.seed, "epochs": self.epochs, "backend": self.backend,
-                "model_config": dataclasses.asdict(self.mcfg), "train_config": dataclasses.asdict(self.tcfg),
-                "dataset": dataset_identity(self.ds), "world_size": self.dist.world}
-
-    def _open_run_dir(self) -> Optional[dict[str, Any]]:
-        """Start or check the run directory on rank 0; the checkpoint to resume from, on every rank."""
-        from .rundir import provenance
-
-        run = self.run
-        if not self.resume:
-            self.dist.on_main(lambda: run.start(self._identity(), provenance(self.api_call)))
-            return None
-
-        def load():
-            run.check_identity(self._identity())
-            return run.load_checkpoint()
-
-        found = self.dist.on_main(load)
-        if found is None:
-            self.say(f"[{self.model_name}] resume: {run.path} holds no checkpoint yet; starting from the beginning")
-            return None
-        state, path = found
-        self.checkpoint_file = str(path)
-        return state
-
-    def _checkpoint(self, net, opt, opt_g, rng, best: bool, entry: Optional[dict[str, Any]] = None) -> None:
-        """Save the whole state (collective under DDP: every rank's RNG states are gathered),
-        then append the epoch line; rank 0 writes, and its errors reach every rank."""
-        if self.run is None:
-            return
-        rngs = self.dist.all_gather_object(_rng_state(rng))
-        same_as_model = self.best_epoch == self.epoch_done and not self.graph_done
-        state = {
-            "position": {"epoch": self.epoch_done, "graph_done": self.graph_done, "stopped": self.stopped},
-            "phase_result": self.phase_result,
-            "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-            "opt": opt.state_dict(), "opt_g": opt_g.state_dict() if opt_g is not None else None,
-            "history": self.history, "best": self.best, "best_epoch": self.best_epoch, "bad": self.bad,
-            # the best weights, unless they are the model's own (saved once, not twice)
-            "best_state": None if same_as_model or self.best_state is None else
-            {k: v.detach().cpu() for k, v in self.best_state.items()},
-            "rng": rngs, "world_size": self.dist.world,
-        }
-
-        def write():
-            self.run.save_checkpoint(state, best)
-            if entry is not None:
-                self.run.append_epoch(entry)
-
-        self.dist.on_main(write)
-
-    def _restore(self, state: dict[str, Any], net, opt, opt_g, rng) -> None:
-        from .serialization import check_finite, check_state_fits
-
-        where = getattr(self, "checkpoint_file", "checkpoint")
-        try:
-            pos = state["position"]
-            if state["world_size"] != self.dist.world or len(state["rng"]) != self.dist.world:
-                raise ValueError(f"{where}: written by {state['world_size']} processes, this run has "
-                                 f"{self.dist.world}: resume with the same number of processes")
-            check_state_fits(net, state["model"], where)
-            check_finite(state["model"], where)
-            net.load_state_dict(state["model"])
-            try:
-                opt.load_state_dict(state["opt"])
-                if opt_g is not None:
-                    opt_g.load_state_dict(state["opt_g"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{where}: the optimizer state does not fit this model ({exc})") from None
-            self.history = list(state["history"])
-            self.best, self.best_epoch, self.bad = state["best"], state["best_epoch"], int(state["bad"])
-            self.best_state = (copy.deepcopy(net.state_dict()) if state["best_state"] is None
-                               else {k: v.to(self.device) for k, v in state["best_state"].items()})
-            self.epoch_done, self.graph_done = int(pos["epoch"]), bool(pos["graph_done"])
-            self.stopped, self.phase_result = bool(pos["stopped"]), state.get("phase_result")
-            _set_rng_state(state["rng"][self.dist.rank], rng)
-        except KeyError as exc:
-            raise ValueError(f"{where}: the training state lacks {exc}: not a complete checkpoint") from None
-        if self.run is not None:
-            self.dist.on_main(lambda: self.run.write_epochs(self.history))
-        self.say(f"[{self.model_name}] resumed from {where}: {self.epoch_done} epoch(s) done"
-                 + (", graph phase of the next one done" if self.graph_done else "")
-                 + (", early-stopped" if self.stopped else ""))
-
-    # ---- the schedule --------------------------------------------------------------------------
-    def go(self) -> TrainResult:
-        ds, mcfg, tcfg, dist, quiet = self.ds, self.mcfg, self.tcfg, self.dist, self.quiet
-        freq = tcfg.rec_frequency or ds.rec_frequency
-        seed_everything(self.seed)
-        net = build_model(self.model_name, ds.n_items, mcfg, dataclasses.replace(tcfg, device=self.device),
-                          self.backend)
-        net.original_ids = ds.original_ids  # recommend() translates ids of a compact_ids dataset
-        dev = torch.device(self.device)
-        used = {op: ops.describe(op, self.backend, dev) for op in ops.OPS}
-        resume_state = self._open_run_dir() if self.run is not None else None
-
-        if not net.neural:
-            return self._fit_once(net, used)
-
-        dist.broadcast_tensors_(list(net.state_dict().values()))  # identical replicas from the start
-        graph, graph_build_s = None, 0.0
-        phases = net.uses_global_graph and mcfg.graph_mode in PHASE_MODES  # graph phases + write-back
-        if net.uses_global_graph and tcfg.graph_phases > 0 and (tcfg.graph_steps > 0 or not phases):
-            t0 = time.perf_counter()
-            graph = ops.global_graph(ds.train_sessions, ds.n_items, directed=mcfg.graph_directed,
-                                     weighted=mcfg.graph_weighted, backend=self.backend)
-            graph_build_s = time.perf_counter() - t0
-            if graph.num_nodes == 0:
-                raise DataError(f"dataset {ds.name!r}: the training sessions hold no transition between two "
-                                "different items, so the global graph is empty; train with graph_phases=0")
-            self.say(f"[{net.name}] global graph: {graph.num_nodes} nodes, {graph.nnz} nonzeros of A+I "
-                     f"({graph_build_s:.2f}s, {used['global_graph']})")
-        rec_params = net.rec_parameters()
-        opt = torch.optim.Adam(rec_params, lr=tcfg.lr)
-        opt_g, every_step = graph_side(net, graph, tcfg, seed=self.seed)
-        rng = np.random.default_rng(self.seed)
-        if resume_state is not None:
-            self._restore(resume_state, net, opt, opt_g, rng)
-        has_valid = len(ds.valid) > 0
-        if not has_valid and dist.main:
-            log.warning("no validation samples (%s): the last epoch is kept, no early stopping",
-                        ds.empty_valid_reason())
-        while self.epoch_done < self.epochs and not self.stopped:
-            r = self.epoch_done
-            lr = epoch_lr(tcfg, r)
-            _set_lr(opt, lr)
-            _set_lr(opt_g, lr)
-            graph_loss, graph_s, graph_steps = None, 0.0, 0
-            if phases and graph is not None and r % freq == 0 and r // freq < tcfg.graph_phases:
-                if not self.graph_done:
-                    phase = r // freq + 1
-                    self.phase_result = list(distributed_graph_phase(net, graph, opt_g, tcfg, quiet, phase, dist))
-                    self.graph_done = True
-                    self._checkpoint(net, opt, opt_g, rng, best=False)
-                graph_loss, graph_steps, graph_s = self.phase_result
-            if every_step is not None:
-                every_step.dgi_values.clear()
-            train_loss, n_seen, train_s = rec_epoch(net, ds.train, opt, rec_params, tcfg, rng, quiet, r + 1,
-                                                    every_step, dist=dist)
-            if every_step is not None:  # the mean DGI term of the epoch's steps (None when graph_weight = 0)
-                graph_loss, graph_steps = every_step.mean_dgi(), len(every_step.dgi_values)
-            self._check_weights(net, r + 1)
-            t0 = time.perf_counter()
-            valid = _evaluate(net, ds.valid, tcfg, quiet, "valid", dist) if has_valid else None
-            test = _evaluate(net, ds.test, tcfg, quiet, "test", dist) if tcfg.eval_test_each_epoch else None
-            eval_s = time.perf_counter() - t0
-            entry = {"epoch": r + 1, "lr": lr, "train_loss": train_loss, "train_samples": n_seen,
-                     "graph_loss": graph_loss, "graph_steps": graph_steps, "graph_seconds": graph_s,
-                     "train_seconds": train_s, "eval_seconds": eval_s, "valid": valid, "test": test}
-            self.history.append(entry)
-            msg = (f"[{net.name}] epoch {r + 1}/{self.epochs}  loss {train_loss:.4f}  "
-                   + (f"graph {graph_loss:.4f} ({graph_steps} steps, {graph_s:.1f}s)  " if phases and graph_loss
-                      is not None else f"dgi {graph_loss:.4f} (every step)  " if graph_loss is not None else "")
-                   + f"train {train_s:.1f}s")
-            if valid is not None:
-                msg += f"  valid P@20 {valid['P@20']:.2f} MRR@20 {valid['MRR@20']:.2f}"
-            self.say(msg)
-            is_best = not has_valid or better(valid, self.best)
-            if is_best:
-                self.best, self.best_epoch, self.bad = valid, r + 1, 0
-                self.best_state = copy.deepcopy(net.state_dict())
-            else:
-                self.bad += 1
-                self.stopped = self.bad >= tcfg.patience
-            self.epoch_done, self.graph_done, self.phase_result = r + 1, False, None
-            self._checkpoint(net, opt, opt_g, rng, best=is_best, entry=entry)
-            if self.stopped:
-                self.say(f"[{net.name}] early stop: no better validation P@20 for {self.bad} epochs")
-        net.load_state_dict(self.best_state)
-        metrics: dict[str, Any] = _evaluate(net, ds.test, tcfg, quiet, "test", dist)
-        if tcfg.eval_test_each_epoch:
-            metrics["best_on_test"] = {k: max(h["test"][k] for h in self.history) for k in metrics}
-        else:
-            metrics["best_on_test"] = None
-        self.say(f"[{net.name}] best validation epoch {self.best_epoch}: test P@20 {metrics['P@20']:.2f} "
-                 f"MRR@20 {metrics['MRR@20']:.2f}")
-        result = TrainResult(net, metrics, self.history, self.best_epoch, mcfg, tcfg, ds.name, used, graph_build_s,
-                             str(self.run.path) if self.run is not None else None)
-        self._write_result(result)
-        return result
-
-    def _check_weights(self, net, epoch: int) -> None:
-        """Weights are checked at every step; this catches buffers and anything trained outside
-        the optimizers (a learned write-back, a fitted memory) once per epoch."""
-        bad = _first_nonfinite(list(net.state_dict().items()))
-        if bad is not None:
-            raise FloatingPointError(f"epoch {epoch}: {bad} holds non-finite values (NaN or inf) "
-                                     f"(lr={self.tcfg.lr:g}); try a lower lr")
-
-    def _fit_once(self, net, used: dict[str, str]) -> TrainResult:
-        """Non-neural models: one fit on every rank (deterministic), sharded evaluation. Nothing
-        to checkpoint: a resumed run fits again, to the same model."""
-        ds, tcfg, dist, quiet = self.ds, self.tcfg, self.dist, self.quiet
-        t0 = time.perf_counter()
-        net.fit(ds)
-        fit_s = time.perf_counter() - t0
-        valid = _evaluate(net, ds.valid, tcfg, True, "valid", dist) if len(ds.valid) else None
-        test = _evaluate(net, ds.test, tcfg, quiet, "test", dist)
-        history = [{"epoch": 1, "train_loss": None, "graph_loss": None, "graph_seconds": 0.0,
-                    "train_seconds": fit_s, "valid": valid, "test": test}]
-        metrics = dict(test)
-        metrics["best_on_test"] = dict(test)
-        self.say(f"[{net.name}] fitted in {fit_s:.1f}s  test P@20 {test['P@20']:.2f}  MRR@20 {test['MRR@20']:.2f}")
-        result = TrainResult(net, metrics, history, 1, self.mcfg, tcfg, ds.name, used, 0.0,
-                             str(self.run.path) if self.run is not None else None)
-        if self.run is not None:
-            self.dist.on_main(lambda: self.run.write_epochs(history))
-        self._write_result(result)
-        return result
-
-    def _write_result(self, result: TrainResult) -> None:
-        if self.run is None:
-            return
-        record = {"model": self.model_name, "dataset": result.dataset, "metrics": result.metrics,
-                  "best_epoch": result.best_epoch, "epochs_run": len(result.history), "backends": result.backends,
-                  "history": result.history}
-        self.dist.on_main(lambda: self.run.write_result(record))

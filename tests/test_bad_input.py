@@ -15,6 +15,7 @@ import torch
 import mtd_fast
 from mtd_fast.cli import main
 from mtd_fast.data import DataError, Dataset, DataWarning, Samples, Sessions, expand_samples
+from mtd_fast.run import Run
 from mtd_fast.serialization import ModelFileError, state_digest
 
 TINY = dict(hidden_size=8, batch_size=64, quiet=True, max_steps_per_epoch=3)
@@ -230,8 +231,7 @@ def test_flags_a_command_does_not_use_are_errors(capsys, tmp_path):
 
 
 def test_output_paths_checked_before_training(tmp_path, capsys, monkeypatch):
-    tr = sys.modules["mtd_fast.train"]
-    monkeypatch.setattr(tr, "_Run", None)  # any training attempt would crash differently
+    monkeypatch.setattr(Run, "go", lambda self: pytest.fail("trained before checking the output paths"))
     assert main(["train", *SMALL, "--save", str(tmp_path / "missing" / "m.pt")]) == 2
     assert "the folder" in capsys.readouterr().err
     assert main(["train", *SMALL, "--json", str(tmp_path)]) == 2

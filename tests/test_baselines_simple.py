@@ -123,8 +123,8 @@ def test_spop_matches_a_lexicographic_reference(synthetic, monkeypatch):
     model = fitted("spop", synthetic)
     glob = np.bincount(synthetic.train_sessions.items, minlength=synthetic.n_items + 1)[1:]
     seqs = [s.tolist() for s in synthetic.test.prefixes.select(np.arange(0, 400, 40))]
-    for exact_limit in (spop_module._FLOAT32_EXACT, 1):  # float32 path, then the float64 fallback
-        monkeypatch.setattr(spop_module, "_FLOAT32_EXACT", exact_limit)
+    for exact_limit in (spop_module.FLOAT32_EXACT, 1):  # float32 path, then the float64 fallback
+        monkeypatch.setattr(spop_module, "FLOAT32_EXACT", exact_limit)
         sc = scores_of(model, seqs).numpy()
         for row, s in zip(sc, seqs):
             key = np.bincount(s, minlength=synthetic.n_items + 1)[1:].astype(np.int64) * (glob.max() + 1) + glob

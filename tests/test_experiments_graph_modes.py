@@ -36,7 +36,7 @@ def _record(label, valid_p20, test_p20, dataset="a"):
 
 
 def test_select_ranks_by_validation_gain_over_same_scoring_mtd_lo():
-    from mtd_fast.experiments.runner import merge_json
+    from mtd_fast.experiments.merge import merge_json
 
     recs = [_record("mtd-lo", 50, 10), _record("mtd-lo+cos", 60, 10), _record("residual", 55, 0),
             _record("residual+cos", 62, 99), _record("joint", 49, 99),

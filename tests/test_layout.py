@@ -8,8 +8,8 @@ package imports inside functions on purpose (the CLI's start-up time, optional d
 such as matplotlib, Numba and Triton, torch kept out of graph building); such a lazy import
 runs later, so it cannot fail at import time, but a cycle through it is still a back-edge
 (module A needs B needs A), so lazy imports count as edges too. Monkeypatching a private
-attribute by name (`monkeypatch.setattr(module, "_x", ...)`) is not an import and is not
-checked.
+attribute by name (`monkeypatch.setattr(module, "_x", ...)` or `("pkg.module._x", ...)`) in
+tests and benches reaches into a module the same way, and is checked too.
 """
 from __future__ import annotations
 
@@ -245,6 +245,46 @@ def test_no_private_names_imported_across_modules():
     bad = [b for path in files for b in _private_offences(path, _module_name(path) or _local_name(path))]
     assert not bad, "private names imported from another module (make them public with a docstring, or " \
                     "move them where they belong): " + "; ".join(bad)
+
+
+def _private_patches(path: Path) -> list[str]:
+    """The calls of `path` that set or delete a private attribute named by a string:
+    `setattr(obj, "_x", v)`, `monkeypatch.setattr(obj, "_x", v)`, `monkeypatch.setattr("m._x", v)`
+    (and `delattr`); what a test replaces there, the code under test looks up as a private name."""
+    bad = []
+    rel = path.relative_to(ROOT).as_posix() if ROOT in path.parents else str(path)
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+        if func not in ("setattr", "delattr"):
+            continue
+        for arg in node.args[:2]:
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and _private(arg.value) is not None:
+                bad.append(f"{rel}:{node.lineno}: {func}(..., {arg.value!r})")
+    return bad
+
+
+def test_no_private_attributes_patched_by_name():
+    files = sorted((ROOT / "tests").rglob("*.py")) + sorted((ROOT / "benches").rglob("*.py"))
+    bad = [b for path in files for b in _private_patches(path)]
+    assert not bad, "private attributes patched by name (patch a public name, with a docstring or comment " \
+                    "saying what it is for, or restructure the test): " + "; ".join(bad)
+
+
+def test_private_patch_rule_catches_offenders(tmp_path):
+    src = tmp_path / "probe.py"
+    src.write_text("monkeypatch.setattr(tr, '_Run', None)\n"            # offence
+                   "monkeypatch.setattr('mtd_fast.train._seed', f)\n"   # offence (dotted target)
+                   "monkeypatch.delattr(tr, '_x')\n"                    # offence
+                   "setattr(obj, '_cache', {})\n"                       # offence (builtin setattr)
+                   "monkeypatch.setattr(tr, 'train_step', f)\n"         # public: fine
+                   "monkeypatch.setattr(cls, '__init__', f)\n"          # dunder: fine
+                   "monkeypatch.setattr(tr, name, f)\n"                 # not a literal: not checked
+                   "monkeypatch.setenv('_X', '1')\n")                   # not an attribute
+    assert [b.rpartition(": ")[2] for b in _private_patches(src)] == [
+        "setattr(..., '_Run')", "setattr(..., 'mtd_fast.train._seed')", "delattr(..., '_x')",
+        "setattr(..., '_cache')"]
 
 
 def test_private_import_rule_catches_offenders(tmp_path):

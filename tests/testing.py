@@ -3,6 +3,8 @@
 - learning bars: `pop_p20` (popularity's test P@20, the bar the learning tests beat).
 - real data: `SHARED_DATA` (`mtd_fast.data.data_root`: $MTD_FAST_DATA, else ../shared/data
   beside the project) and `shared_path`, which skips a test when the data is absent.
+- the handmade raw click logs of tests/fixtures/: `YOO_MINI` (yoochoose-clicks.dat),
+  `RR_MINI` (Retailrocket events.csv), worked out by hand in test_raw.py.
 - the op tests' backend axis: `backend_params` (one `pytest.param` per backend; "triton"
   carries the `triton` marker and `TRITON_SKIP`), `triton_only` (the same for a whole
   test), `CUDA_ONLY`, `device_for`, `impl`, and
@@ -50,6 +52,8 @@ from mtd_fast.metrics import MetricAccumulator, ranks_from_scores
 
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED_DATA = data_root(PROJECT)
+YOO_MINI = PROJECT / "tests" / "fixtures" / "yoochoose-clicks-mini.dat"
+RR_MINI = PROJECT / "tests" / "fixtures" / "retailrocket-events-mini.csv"
 
 
 def shared_path(*parts: str) -> Path:

@@ -1,7 +1,9 @@
 """The paper's experiments on one resumable runner (`mtd-fast experiment NAME`).
 
 - `runner`: `RunSpec`, `run_all` (one JSON result file per dataset, label and seed; a
-  finished run is never retrained), `load_results`, `merge_table` / `merge_json`.
+  finished run is never retrained), `load_results`.
+- `merge`: `merge_table` / `merge_json` (the records of every seed merged into the paper's
+  tables), `group_records`.
 - one module per experiment: `table2` (Tables 2/3 and training curves), `ablation`
   (Figure 3), `sensitivity` (Figure 4), `interpret` (Figure 5), `graph_modes` (the
   graph-integration study behind MTD's default `graph_mode`).
@@ -13,8 +15,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .merge import merge_json, merge_table
 from .report import ExperimentError, markdown_table
-from .runner import RunSpec, load_results, merge_json, merge_table, result_path, run_all
+from .runner import RunSpec, load_results, result_path, run_all
 from .study import Study
 
 __all__ = ["EXPERIMENTS", "run_experiment", "RunSpec", "run_all", "result_path", "load_results", "merge_table",

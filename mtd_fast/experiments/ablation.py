@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from .merge import merge_json
 from .report import atomic_write_json, atomic_write_text, display_name, fmt_mean_sd, markdown_table
-from .runner import load_results, merge_json
+from .runner import load_results
 from .study import Study, provenance, pyplot, save_figure
 
 __all__ = ["MODELS", "DEFAULT_SEEDS", "run", "report", "bars_figure"]

@@ -16,8 +16,9 @@ from __future__ import annotations
 import statistics
 from typing import Any, Optional, Sequence
 
+from .merge import merge_json
 from .report import ExperimentError, atomic_write_json, atomic_write_text, fmt_mean_sd, markdown_table
-from .runner import load_results, merge_json
+from .runner import load_results
 from .study import Study, provenance, pyplot, save_figure
 
 __all__ = ["VARIANTS", "DEFAULT_SEEDS", "specs", "run", "report", "select"]

@@ -19,8 +19,9 @@ from typing import Any, Optional
 
 from ..config import PHASE_MODES, MTDConfig, TrainConfig
 from ..data import DATASETS
+from .merge import merge_json
 from .report import ExperimentError, atomic_write_json, atomic_write_text, markdown_table
-from .runner import load_results, merge_json
+from .runner import load_results
 from .study import Study, provenance, pyplot, save_figure
 
 __all__ = ["SWEEPS", "active_sweeps", "run", "report", "sweep_tables", "degradation_figure"]

@@ -11,8 +11,9 @@ from __future__ import annotations
 import statistics
 from typing import Any, Sequence
 
+from .merge import dataset_title, group_records, merge_json, merge_table
 from .report import atomic_write_json, atomic_write_text, display_name
-from .runner import dataset_title, group_records, load_results, merge_json, merge_table
+from .runner import load_results
 from .study import Study, provenance, pyplot, save_figure
 
 __all__ = ["MODELS", "DEFAULT_SEEDS", "run", "report", "curves_figure"]

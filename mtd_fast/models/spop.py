@@ -28,7 +28,10 @@ from .pop import click_counts
 
 __all__ = ["SPOP", "session_counts"]
 
-_FLOAT32_EXACT = 2 ** 24
+# integers below 2**24 are exact in float32: scores (session count * ranks + popularity rank)
+# that stay below it are computed in float32, the others in float64 (the tests lower it to
+# check the float64 path on a small catalogue)
+FLOAT32_EXACT = 2 ** 24
 
 
 def session_counts(items: torch.Tensor, lengths: torch.Tensor, n_items: int,
@@ -63,7 +66,7 @@ class SPOP(SessionModel):
     def scores(self, batch: Batch) -> torch.Tensor:
         items, lengths = batch["items"], batch["lengths"]
         r = int(self.n_ranks)
-        exact32 = (items.shape[1] + 1) * r < _FLOAT32_EXACT
+        exact32 = (items.shape[1] + 1) * r < FLOAT32_EXACT
         dtype = torch.float32 if exact32 else torch.float64
         counts = session_counts(items, lengths, self.n_items, dtype)  # (B, M)
         return counts.mul_(r).add_(self.pop_rank.to(dtype))

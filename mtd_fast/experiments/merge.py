@@ -1,0 +1,127 @@
+"""Merging result records (`runner.load_results`) into the paper's tables: grouped by
+dataset and label over seeds (`group_records`), as JSON (`merge_json`: per-seed values,
+mean and sd of every metric, best epochs, seconds per epoch, the published figures) and
+as markdown (`merge_table`: the paper's Tables 2/3).
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Any, Iterable, Optional, Sequence
+
+from ..metrics import METRIC_KEYS
+from .report import display_name, fmt_mean_sd, markdown_table, mean_sd
+
+__all__ = ["group_records", "dataset_title", "valid_at_best", "merge_json", "merge_table", "TABLE_KEYS", "PUBLISHED"]
+
+TABLE_KEYS = ("P@5", "P@10", "P@20", "MRR@5", "MRR@10", "MRR@20")  # the paper's Tables 2/3
+
+# MTD_SPEC.md section 7: published P@20 / MRR@20 (SR-GNN protocol: best epoch on TEST,
+# full training data, the standard split). Shown beside our rows, never mixed into them.
+PUBLISHED: dict[str, dict[str, tuple[float, float]]] = {
+    "diginetica": {"srgnn": (50.73, 17.59), "narm": (49.70, 16.17), "stamp": (45.64, 14.32)},
+    "yoochoose1_64": {"srgnn": (70.57, 30.94), "narm": (68.32, 28.63), "stamp": (68.74, 29.67)},
+}
+PUBLISHED["yoochoose1_64_mtd"] = PUBLISHED["yoochoose1_64"]  # same sessions, relabelled ids
+
+
+def group_records(records: Iterable[dict[str, Any]], order: Sequence[str] = ()
+                  ) -> list[tuple[tuple, list[tuple[str, list[dict[str, Any]]]]]]:
+    """[(dataset key, [(label, [records over seeds, by seed])...])...]: datasets in order of
+    first appearance, labels in `order` first, then by first appearance. The dataset key is
+    (dataset, fraction, dataset_kwargs as sorted pairs)."""
+    datasets: dict[tuple, dict[str, list]] = {}
+    for r in records:
+        key = (r["dataset"], float(r["fraction"]), tuple(sorted((r.get("dataset_kwargs") or {}).items())))
+        datasets.setdefault(key, {}).setdefault(r["label"], []).append(r)
+    rank = {lab: i for i, lab in enumerate(order)}
+    out = []
+    for key, labels in datasets.items():
+        names = sorted(labels, key=lambda lab: (rank.get(lab, len(rank)), list(labels).index(lab)))
+        out.append((key, [(lab, sorted(labels[lab], key=lambda r: r["seed"])) for lab in names]))
+    return out
+
+
+def dataset_title(key: tuple) -> str:
+    name, fraction, kwargs = key
+    title = name
+    if fraction != 1:
+        title += f", most recent {fraction:g} of the training sessions"
+    if kwargs:
+        title += " (" + ", ".join(f"{k}={v}" for k, v in kwargs) + ")"
+    return title
+
+
+def valid_at_best(rec: dict[str, Any]) -> Optional[dict[str, float]]:
+    """The validation metrics of the epoch that validation picked (None without validation)."""
+    return next((h.get("valid") for h in rec["history"] if h["epoch"] == rec["best_epoch"]), None)
+
+
+def _median_epoch_seconds(rec: dict[str, Any]) -> Optional[float]:
+    if rec["history"][0].get("train_loss") is None:
+        return None  # fitted in one pass, not trained by epochs
+    return statistics.median(h["train_seconds"] for h in rec["history"])
+
+
+def merge_json(records: Iterable[dict[str, Any]], order: Sequence[str] = ()) -> dict[str, Any]:
+    """The merged table as JSON: per dataset, per label, each metric's per-seed values, mean
+    and sd (test at the validation-picked epoch under "metrics", the best-on-test figures,
+    and the validation metrics of the picked epoch under "valid"), best epochs, seconds per
+    epoch and the seeds of the files."""
+    out = []
+    for key, labels in group_records(records, order):
+        rows = []
+        for label, recs in labels:
+            row = {"label": label, "model": recs[0]["model"], "seeds": [r["seed"] for r in recs],
+                   "best_epoch": [r["best_epoch"] for r in recs], "epochs_run": [len(r["history"]) for r in recs],
+                   "metrics": {}, "best_on_test": {}, "valid": {}}
+            valid = [valid_at_best(r) or {} for r in recs]
+            for k in METRIC_KEYS:
+                for part, vals in (("metrics", [r["metrics"][k] for r in recs]),
+                                   ("best_on_test", [(r["metrics"].get("best_on_test") or {}).get(k) for r in recs]),
+                                   ("valid", [v.get(k) for v in valid])):
+                    if all(v is not None for v in vals):
+                        m, sd = mean_sd(vals)
+                        row[part][k] = {"mean": m, "sd": sd, "values": vals}
+            secs = [_median_epoch_seconds(r) for r in recs]
+            row["seconds_per_epoch"] = None if None in secs else statistics.fmean(secs)
+            pub = PUBLISHED.get(key[0], {}).get(recs[0]["model"]) if key[1] == 1 else None
+            row["published"] = {"P@20": pub[0], "MRR@20": pub[1]} if pub else None
+            rows.append(row)
+        out.append({"dataset": key[0], "fraction": key[1], "dataset_kwargs": dict(key[2]),
+                    "title": dataset_title(key), "stats": labels[0][1][0]["stats"], "rows": rows})
+    return {"format": "mtd_fast/merged-table", "format_version": 1, "datasets": out}
+
+
+def merge_table(records: Iterable[dict[str, Any]], order: Sequence[str] = (), heading: str = "###") -> str:
+    """The paper's Tables 2/3 as markdown, one table per dataset: test P@5/10/20 and
+    MRR@5/10/20 (x100) at the epoch picked on validation (mean ± sample sd over seeds when
+    there are several), then the best-epoch-on-test figures in their own columns, and the
+    published figures (best epoch on test, full data) where MTD_SPEC.md section 7 has them."""
+    merged = merge_json(records, order)
+    parts = []
+    cols = ["model", *TABLE_KEYS, "best-on-test P@20", "best-on-test MRR@20", "best epoch", "seeds", "s/epoch",
+            "published P@20 / MRR@20"]
+    for ds in merged["datasets"]:
+        rows = []
+        for r in ds["rows"]:
+            cells = {"model": display_name(r["label"]), "seeds": len(r["seeds"]),
+                     "best epoch": ", ".join(str(e) for e in r["best_epoch"]),
+                     "s/epoch": "–" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']:.1f}",
+                     "published P@20 / MRR@20": (f"{r['published']['P@20']:.2f} / {r['published']['MRR@20']:.2f}"
+                                                 if r["published"] else "")}
+            for k in TABLE_KEYS:
+                cells[k] = fmt_mean_sd(r["metrics"][k]["values"])
+            for k in ("P@20", "MRR@20"):
+                b = r["best_on_test"].get(k)
+                cells[f"best-on-test {k}"] = fmt_mean_sd(b["values"]) if b else "–"
+            rows.append(cells)
+        s = ds["stats"]
+        parts.append(f"{heading} {ds['title']}\n\n{s.get('train_samples')} training samples, "
+                     f"{s.get('valid_samples')} validation, {s.get('test_samples')} test, {s.get('items')} items.\n\n"
+                     + markdown_table(rows, cols, right=[*TABLE_KEYS, "best-on-test P@20", "best-on-test MRR@20",
+                                                         "seeds", "s/epoch"]))
+    note = ("Test metrics (x100) at the epoch picked on VALIDATION (mean ± sample sd over seeds when several). "
+            "'best-on-test' is the field's protocol (best epoch on the test set), for comparison only; "
+            "'published' are the papers' figures under that protocol on full data (MTD_SPEC.md section 7). "
+            "s/epoch: median training seconds per epoch.")
+    return note + "\n\n" + "\n\n".join(parts) + "\n"
