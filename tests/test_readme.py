@@ -16,3 +16,13 @@ def test_ci_runs_the_readme_commands():
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert install in ci_lines
     assert tests in ci_lines
+
+
+def test_every_file_the_readme_links_exists():
+    """Links and images with a path inside the repository (figures, result tables) resolve."""
+    readme = (ROOT / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", readme)
+    local = [t for t in targets if "://" not in t and not t.startswith("mailto:")]
+    assert local, "the README links no local file: the pattern above is broken"
+    missing = [t for t in local if not (ROOT / t).exists()]
+    assert not missing, f"README links files that do not exist: {missing}"
