@@ -47,13 +47,13 @@ import torch
 from mtd_fast import ops
 from mtd_fast.ops.aggregate import aggregate_packed, aggregate_ref
 
-from harness import ENCODER, GPU_DTYPES, SMOKE, OpBench, diginetica_lengths, pytest, run_op_bench_cli
+from harness import ENCODER, GPU_DTYPES, SMOKE, CaseBase, OpBench, diginetica_lengths, pytest, run_op_bench_cli
 
 BATCH, GPU_BATCH, DIM, WIDTHS, GPU_WIDTHS = (ENCODER.batch, ENCODER.gpu_batch, ENCODER.dim, ENCODER.widths,
                                             ENCODER.gpu_widths)
 
 
-class Case:
+class Case(CaseBase):
     """h, hp (batch, L, d), a (batch, d), g (d,), lengths (batch,) and upstream gradients gx,
     gp (batch, d), float32 on `device`."""
 
@@ -72,7 +72,7 @@ class Case:
     def run(self, fn, ins, dropout: bool = False) -> list:
         dtype = ins[0].dtype
         xs, ps = fn(*ins, self.lens, gamma=0.75, mode="additive")
-        torch.autograd.backward((xs, ps), (self.gx.to(dtype), self.gp.to(dtype)))
+        torch.autograd.backward((xs, ps), (self.cast("gx", dtype), self.cast("gp", dtype)))
         return [xs, ps] + [t.grad for t in ins]
 
 

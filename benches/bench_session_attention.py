@@ -60,13 +60,13 @@ import torch
 from mtd_fast import ops
 from mtd_fast.ops.session_attention import session_attention_packed, session_attention_ref, session_attention_sdpa
 
-from harness import ENCODER, GPU_DTYPES, SMOKE, OpBench, diginetica_lengths, pytest, run_op_bench_cli
+from harness import ENCODER, GPU_DTYPES, SMOKE, CaseBase, OpBench, diginetica_lengths, pytest, run_op_bench_cli
 
 BATCH, GPU_BATCH, DIM, WIDTHS, GPU_WIDTHS = (ENCODER.batch, ENCODER.gpu_batch, ENCODER.dim, ENCODER.widths,
                                             ENCODER.gpu_widths)
 
 
-class Case:
+class Case(CaseBase):
     """q, k, v (batch, L, d), lengths (batch,), an upstream gradient (batch, L, d) and a scaled
     keep-0.7 dropout mask (batch, 1, L, L), float32 on `device`."""
 
@@ -84,8 +84,8 @@ class Case:
 
     def run(self, fn, ins, dropout: bool) -> list:
         dtype = ins[0].dtype
-        out = fn(*ins, self.lens, num_heads=1, dropout_mask=self.mask.to(dtype) if dropout else None)
-        out.backward(self.go.to(dtype))
+        out = fn(*ins, self.lens, num_heads=1, dropout_mask=self.cast("mask", dtype) if dropout else None)
+        out.backward(self.cast("go", dtype))
         return [out] + [t.grad for t in ins]
 
 

@@ -253,6 +253,17 @@ def label(provider: str, dropout: bool) -> str:
     return provider + ("+dropout" if dropout else "")
 
 
+class CaseBase:
+    """What the op benches' input cases share: the fixed tensors (upstream gradients, masks)
+    cast to a dtype once, not inside every timed call."""
+
+    def cast(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_casts", {})
+        if (name, dtype) not in cache:
+            cache[name, dtype] = getattr(self, name).to(dtype)
+        return cache[name, dtype]
+
+
 class OpBench:
     """The providers of one op and how to check and time them.
 
@@ -303,14 +314,15 @@ class OpBench:
         return run
 
     def steady_step(self, case, provider: str, dropout: bool, dtype) -> Callable[[], None]:
-        """One forward + backward on the same leaves, gradients reset (the GPU timings: no
-        copies inside the timed region)."""
-        call, ins = self.call(case, provider, dropout), case.leaves(dtype)
+        """One forward + backward on the same leaves, gradients reset, for `cuda_ms` (the GPU
+        timings): no copy and no host synchronization inside the timed region (the CUDA events
+        around it time the device work; `measure` synchronizes the first call itself)."""
+        fn, ins = self.fn(provider), case.leaves(dtype)
 
         def step():
             for t in ins:
                 t.grad = None
-            call(ins)
+            case.run(fn, ins, dropout)
         return step
 
     def cpu_rows(self, widths, candidates, rounds: int, batch: int, dim: int) -> list[dict]:

@@ -169,13 +169,14 @@ class Run:
         self.dist.on_main(write)
 
     def _restore(self, state: dict[str, Any], net, opt, opt_g, rng) -> None:
-        from .serialization import check_finite, check_state_fits
+        from .rundir import RunDirError
+        from .serialization import ModelFileError, check_finite, check_state_fits
 
         where = getattr(self, "checkpoint_file", "checkpoint")
         try:
             pos = state["position"]
             if state["world_size"] != self.dist.world or len(state["rng"]) != self.dist.world:
-                raise ValueError(f"{where}: written by {state['world_size']} processes, this run has "
+                raise RunDirError(f"{where}: written by {state['world_size']} processes, this run has "
                                  f"{self.dist.world}: resume with the same number of processes")
             check_state_fits(net, state["model"], where)
             check_finite(state["model"], where)
@@ -185,7 +186,7 @@ class Run:
                 if opt_g is not None:
                     opt_g.load_state_dict(state["opt_g"])
             except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{where}: the optimizer state does not fit this model ({exc})") from None
+                raise RunDirError(f"{where}: the optimizer state does not fit this model ({exc})") from None
             self.history = list(state["history"])
             self.best, self.best_epoch, self.bad = state["best"], state["best_epoch"], int(state["bad"])
             self.best_state = (copy.deepcopy(net.state_dict()) if state["best_state"] is None
@@ -194,7 +195,12 @@ class Run:
             self.stopped, self.phase_result = bool(pos["stopped"]), state.get("phase_result")
             _set_rng_state(state["rng"][self.dist.rank], rng)
         except KeyError as exc:
-            raise ValueError(f"{where}: the training state lacks {exc}: not a complete checkpoint") from None
+            raise RunDirError(f"{where}: the training state lacks {exc}: not a complete checkpoint") from None
+        except ModelFileError as exc:  # weights that do not fit this model, or non-finite ones
+            raise RunDirError(str(exc)) from None
+        if self.epoch_done > self.epochs:
+            raise RunDirError(f"{where}: {self.epoch_done} epochs are done, more than epochs={self.epochs}: resume "
+                              "with at least as many epochs, or start a new run_dir")
         if self.run is not None:
             self.dist.on_main(lambda: self.run.write_epochs(self.history))
         self.say(f"[{self.model_name}] resumed from {where}: {self.epoch_done} epoch(s) done"

@@ -115,6 +115,9 @@ def test_bad_files_are_redone_never_merged(tmp_path, monkeypatch, capsys):
     lines = [line for line in err.splitlines() if line.startswith("redo ")]
     assert len(lines) == 4
     assert "truncated" in err and "made by another spec (epochs 7 != 2)" in err and "'history' is missing" in err
+    too_long = json.loads(good)
+    too_long["epochs"], too_long["history"] = 1, too_long["history"] * 2  # a resume past its cap
+    assert runner.validate_record(too_long) == "2 epochs in the history, more than its epochs=1"
     for p in paths[1:]:
         assert (p.parent / (p.name + ".replaced")).is_file()  # kept aside, not merged
     assert all(runner.validate_record(r) is None for r in records)
@@ -164,6 +167,23 @@ def test_interrupted_run_resumes_from_its_partial_run_directory(tmp_path, monkey
     assert rec["metrics"] == ref["metrics"] and rec["best_epoch"] == ref["best_epoch"]
     assert not partial.exists()  # removed once the result file is written
     assert json.loads(result_path(out, s).read_text()) == rec
+    assert rec["resumed_at_epoch"] == 2 and ref["resumed_at_epoch"] == 0
+
+    # a partial run left behind by an interruption after its result file was written goes
+    (partial / "leftover").mkdir(parents=True)
+    run_all([s], out, quiet=True)
+    assert not partial.exists()
+
+    # a partial run started with another epochs cap is not resumed under this one: the trainer
+    # would accept it (epochs may change on resume), but a result must come from one cap
+    with monkeypatch.context() as m:
+        interrupt_at(m, 5)
+        with pytest.raises(Interrupt):
+            run_all([spec("mtd", epochs=4)], tmp_path / "caps", quiet=True)
+    steps.clear()
+    rec = run_all([spec("mtd", epochs=1)], tmp_path / "caps", quiet=True)[0]
+    assert len(steps) == 2 and len(rec["history"]) == 1 and rec["epochs"] == 1
+    assert "started with epochs=4, this spec has epochs=1" in capsys.readouterr().err
 
     # a partial run made by another spec under the same file name is set aside, not resumed
     other = spec("mtd", epochs=3, over={"hidden_size": 12})

@@ -16,7 +16,8 @@ A run in progress trains in its own run directory, `OUT/.partial/<result file st
 the epoch in progress: the next invocation resumes that run from its last checkpoint,
 exactly where it stopped, and removes the directory once the result file is written. A
 partial run made by another spec (other config, data or epochs) is moved aside to
-`<stem>.stale` and the run starts over.
+`<stem>.stale` and the run starts over. There is no lock: run one invocation per OUT
+folder at a time.
 """
 from __future__ import annotations
 
@@ -187,7 +188,8 @@ def cli_command(argv: Optional[Sequence[str]] = None) -> str:
     return shlex.join(["mtd-fast", *args])
 
 
-def _make_record(spec: RunSpec, result, ds, stats: dict[str, Any], command: str, wall: float) -> dict[str, Any]:
+def _make_record(spec: RunSpec, result, ds, stats: dict[str, Any], command: str, wall: float,
+                 resumed_at: int = 0) -> dict[str, Any]:
     import torch
 
     commit, dirty = source_commit()
@@ -203,6 +205,9 @@ def _make_record(spec: RunSpec, result, ds, stats: dict[str, Any], command: str,
         "history": result.history, "backends": result.backends, "stats": stats, "command": command,
         "commit": commit, "commit_dirty": dirty, "torch": torch.__version__, "machine": machine(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "wall_seconds": wall,
+        # epochs an interrupted invocation had done before this one resumed the run (wall_seconds
+        # counts this invocation only; the history has every epoch's seconds)
+        "resumed_at_epoch": resumed_at,
     }
 
 
@@ -236,6 +241,8 @@ def validate_record(obj: Any) -> Optional[str]:
     be = obj.get("best_epoch")
     if not isinstance(be, int) or not any(h["epoch"] == be for h in obj["history"]):
         return f"best_epoch {be!r} is not an epoch of the history"
+    if len(obj["history"]) > obj["epochs"]:
+        return f"{len(obj['history'])} epochs in the history, more than its epochs={obj['epochs']}"
     return None
 
 
@@ -418,6 +425,8 @@ def run_all(specs: Sequence[RunSpec], out_dir: os.PathLike | str, *, quiet: bool
     for i, why in enumerate(todo):
         if why is None:
             records[i] = _read(paths[i])[0]
+            # an interruption between writing the result and removing the partial run left it
+            shutil.rmtree(partial_path(out_dir, specs[i]), ignore_errors=True)
     pending = [i for i, why in enumerate(todo) if why is not None]
     unique_pending = list(dict.fromkeys(specs[i] for i in pending))
     bar = _StudyBar(len(set(specs)), len(set(specs)) - len(unique_pending), quiet)
@@ -442,9 +451,9 @@ def run_all(specs: Sequence[RunSpec], out_dir: os.PathLike | str, *, quiet: bool
                 bar.start(what)
                 t0 = time.perf_counter()
                 run_dir = partial_path(out_dir, s)
-                res = _train_resumably(train, ds, s, run_dir, backend, quiet, bar)
+                res, resumed_at = _train_resumably(train, ds, s, run_dir, backend, quiet, bar)
                 wall = time.perf_counter() - t0
-                rec = _make_record(s, res, ds, stats, command or s.api_call(), wall)
+                rec = _make_record(s, res, ds, stats, command or s.api_call(), wall, resumed_at)
                 if checkpoints:
                     from ..serialization import save
 
@@ -465,21 +474,49 @@ def run_all(specs: Sequence[RunSpec], out_dir: os.PathLike | str, *, quiet: bool
     return [records[i] for i in range(len(specs))]
 
 
+def _partial_epochs(run_dir: Path) -> tuple[Optional[int], int]:
+    """(the epochs cap the partial run in `run_dir` was started with, or None when its
+    run.json cannot be read; how many epoch lines it has written)."""
+    from ..rundir import EPOCHS_FILE, RUN_FILE
+
+    try:
+        epochs = json.loads((run_dir / RUN_FILE).read_text())["identity"]["epochs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        epochs = None
+    try:
+        done = sum(1 for line in (run_dir / EPOCHS_FILE).read_text().splitlines() if line.strip())
+    except OSError:
+        done = 0
+    return (epochs if isinstance(epochs, int) else None), done
+
+
+def _set_aside(run_dir: Path, why: str, bar) -> None:
+    stale = run_dir.with_name(run_dir.name + ".stale")
+    shutil.rmtree(stale, ignore_errors=True)
+    if stale.exists():  # not removable (permissions?): keep the newer one under a unique name
+        stale = run_dir.with_name(f"{run_dir.name}.stale-{int(time.time())}")
+    os.replace(run_dir, stale)
+    bar.write(f"partial run {run_dir} cannot be resumed ({why}); moved to {stale.name}, starting over")
+
+
 def _train_resumably(train, ds, spec: RunSpec, run_dir: Path, backend: Any, quiet: bool, bar):
-    """Train `spec` in `run_dir`, resuming the partial run there when it was made by the same
-    spec; a partial run made by another one is moved aside and the run starts over."""
+    """Train `spec` in `run_dir`, resuming the partial run there when the same spec made it;
+    a partial run made by another one (other config, data or epochs cap) is moved aside and
+    the run starts over. Returns (result, the number of epochs the resumed run had done)."""
     from ..rundir import RUN_FILE, RunDirError
 
     kw = dict(model=spec.model, epochs=spec.epochs, seed=spec.seed, backend=backend, quiet=quiet,
               **spec.overrides_dict)
     if (run_dir / RUN_FILE).is_file():
-        try:
-            return train(ds, run_dir=run_dir, resume=True, **kw)
-        except RunDirError as exc:
-            stale = run_dir.with_name(run_dir.name + ".stale")
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(run_dir, stale)
-            bar.write(f"partial run {run_dir} cannot be resumed ({exc}); moved to {stale.name}, starting over")
+        epochs, done = _partial_epochs(run_dir)
+        if epochs is not None and epochs != spec.epochs:
+            # the trainer lets a resume change epochs; a result file must come from one cap
+            _set_aside(run_dir, f"it was started with epochs={epochs}, this spec has epochs={spec.epochs}", bar)
+        else:
+            try:
+                return train(ds, run_dir=run_dir, resume=True, **kw), done
+            except RunDirError as exc:
+                _set_aside(run_dir, str(exc), bar)
     elif run_dir.exists():  # a folder without a run record: a start that crashed before writing one
         shutil.rmtree(run_dir)
-    return train(ds, run_dir=run_dir, **kw)
+    return train(ds, run_dir=run_dir, **kw), 0
