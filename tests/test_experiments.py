@@ -227,6 +227,42 @@ def test_merged_table_equals_the_files(tmp_path):
             assert row["metrics"][k]["values"] == [files[(row["label"], s)]["metrics"][k] for s in row["seeds"]]
 
 
+def _converged(label, valid, test, *, best=7, run=10, epochs=30, dataset="diginetica"):
+    """A finished record as the runner writes it, every metric `valid` on validation and
+    `test` on test, early stopping with patience 3."""
+    hist = [{"epoch": e, "train_loss": 1.0, "train_seconds": 2.0, "valid": dict.fromkeys(METRIC_KEYS, valid)}
+            for e in range(1, run + 1)]
+    return {"dataset": dataset, "fraction": 1.0, "dataset_kwargs": {}, "label": label, "model": label, "seed": 0,
+            "best_epoch": best, "epochs": epochs, "history": hist, "metrics": dict.fromkeys(METRIC_KEYS, test),
+            "stats": {}, "train_config": {"patience": 3}}
+
+
+def test_table2_targets_and_capped_runs_are_computed_from_the_files():
+    from mtd_fast.experiments.merge import stopped_by_cap
+
+    capped = _converged("mtd", 70.0, 72.0, best=29, run=30, dataset="yoochoose1_64_mtd")
+    assert stopped_by_cap(capped)
+    assert not stopped_by_cap(_converged("mtd", 1, 1, best=26, run=30))  # patience 3 ran out at the cap
+    assert not stopped_by_cap(_converged("mtd", 1, 1))  # early stopping ended it
+    recs = [_converged("mtd", 50.0, 52.0), _converged("mtd-lo", 49.0, 53.0), _converged("srgnn", 48.0, 51.0), capped]
+    md = merge_table(recs, table2.ORDER)
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[1:-1]] for r in md.splitlines()
+            if r.startswith("| ")}
+    header = rows["model"]
+    assert rows["MTD"][header.index("valid P@20")] == "70.00"  # the second table (yoochoose) overwrote the first
+    assert rows["MTD"][header.index("picked epoch")] == "29 of 30 (cap)"
+    assert rows["MTD-lo"][header.index("picked epoch")] == "7 of 10"
+    text = table2.targets(merge_json(recs, table2.ORDER))
+    digi, yoo = text.split("- **yoochoose1_64_mtd**")
+    assert "**not** ahead" in digi and "MTD-lo on test P@20 (53.00 vs 52.00)" in digi
+    assert "on validation" not in digi  # MTD leads on validation
+    assert "SR-GNN on" not in digi
+    assert "P@20 52.00 against 54.5 (2.50 short)" in digi
+    assert "Required, not finished: NARM, STAMP, SASRec, CSRM." in digi
+    assert "ahead of every other finished model (none)" in yoo and "P@20 72.00 against 71.5 (met)" in yoo
+    assert "epochs cap while still improving (not converged): MTD." in yoo and "MTD-lo" in yoo.split("not finished")[1]
+
+
 def test_runspec_validation_and_hashing():
     a = RunSpec("synthetic", model="MTD-lo", overrides={"lr": 0.01, "batch_size": 8})
     assert a.label == "mtd-lo" and a.overrides == (("batch_size", 8), ("lr", 0.01))

@@ -11,7 +11,8 @@ from typing import Any, Iterable, Optional, Sequence
 from ..metrics import METRIC_KEYS
 from .report import display_name, fmt_mean_sd, markdown_table, mean_sd
 
-__all__ = ["group_records", "dataset_title", "valid_at_best", "merge_json", "merge_table", "TABLE_KEYS", "PUBLISHED"]
+__all__ = ["group_records", "dataset_title", "valid_at_best", "merge_json", "merge_table", "TABLE_KEYS", "PUBLISHED",
+           "stopped_by_cap"]
 
 TABLE_KEYS = ("P@5", "P@10", "P@20", "MRR@5", "MRR@10", "MRR@20")  # the paper's Tables 2/3
 
@@ -56,6 +57,16 @@ def valid_at_best(rec: dict[str, Any]) -> Optional[dict[str, float]]:
     return next((h.get("valid") for h in rec["history"] if h["epoch"] == rec["best_epoch"]), None)
 
 
+def stopped_by_cap(rec: dict[str, Any]) -> bool:
+    """True when the epochs cap, not early stopping, ended a trained run: it ran every epoch
+    of the cap and validation improved within its last `patience` epochs, so more epochs
+    could still have helped. Runs fitted in one pass (no training loss) are never capped."""
+    if rec["history"][0].get("train_loss") is None or rec.get("epochs") is None:
+        return False
+    patience = (rec.get("train_config") or {}).get("patience") or 0
+    return len(rec["history"]) >= rec["epochs"] and rec["epochs"] - rec["best_epoch"] < max(patience, 1)
+
+
 def _median_epoch_seconds(rec: dict[str, Any]) -> Optional[float]:
     if rec["history"][0].get("train_loss") is None:
         return None  # fitted in one pass, not trained by epochs
@@ -73,6 +84,7 @@ def merge_json(records: Iterable[dict[str, Any]], order: Sequence[str] = ()) -> 
         for label, recs in labels:
             row = {"label": label, "model": recs[0]["model"], "seeds": [r["seed"] for r in recs],
                    "best_epoch": [r["best_epoch"] for r in recs], "epochs_run": [len(r["history"]) for r in recs],
+                   "stopped_by_cap": [stopped_by_cap(r) for r in recs],
                    "metrics": {}, "best_on_test": {}, "valid": {}}
             valid = [valid_at_best(r) or {} for r in recs]
             for k in METRIC_KEYS:
@@ -95,33 +107,44 @@ def merge_json(records: Iterable[dict[str, Any]], order: Sequence[str] = ()) -> 
 def merge_table(records: Iterable[dict[str, Any]], order: Sequence[str] = (), heading: str = "###") -> str:
     """The paper's Tables 2/3 as markdown, one table per dataset: test P@5/10/20 and
     MRR@5/10/20 (x100) at the epoch picked on validation (mean ± sample sd over seeds when
-    there are several), then the best-epoch-on-test figures in their own columns, and the
+    there are several), the validation P@20 / MRR@20 of that epoch, the best-epoch-on-test
+    figures in their own columns, the picked epoch (capped runs marked), and the
     published figures (best epoch on test, full data) where MTD_SPEC.md section 7 has them."""
     merged = merge_json(records, order)
     parts = []
-    cols = ["model", *TABLE_KEYS, "best-on-test P@20", "best-on-test MRR@20", "best epoch", "seeds", "s/epoch",
-            "published P@20 / MRR@20"]
+    cols = ["model", *TABLE_KEYS, "valid P@20", "valid MRR@20", "best-on-test P@20", "best-on-test MRR@20",
+            "picked epoch", "seeds", "s/epoch", "published P@20 / MRR@20"]
     for ds in merged["datasets"]:
         rows = []
         for r in ds["rows"]:
             cells = {"model": display_name(r["label"]), "seeds": len(r["seeds"]),
-                     "best epoch": ", ".join(str(e) for e in r["best_epoch"]),
+                     "picked epoch": "fitted" if r["seconds_per_epoch"] is None else ", ".join(
+                         _picked(*e) for e in zip(r["best_epoch"], r["epochs_run"], r["stopped_by_cap"])),
                      "s/epoch": "–" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']:.1f}",
                      "published P@20 / MRR@20": (f"{r['published']['P@20']:.2f} / {r['published']['MRR@20']:.2f}"
                                                  if r["published"] else "")}
             for k in TABLE_KEYS:
                 cells[k] = fmt_mean_sd(r["metrics"][k]["values"])
             for k in ("P@20", "MRR@20"):
-                b = r["best_on_test"].get(k)
-                cells[f"best-on-test {k}"] = fmt_mean_sd(b["values"]) if b else "–"
+                for part, name in (("valid", "valid"), ("best_on_test", "best-on-test")):
+                    b = r[part].get(k)
+                    cells[f"{name} {k}"] = fmt_mean_sd(b["values"]) if b else "–"
             rows.append(cells)
         s = ds["stats"]
         parts.append(f"{heading} {ds['title']}\n\n{s.get('train_samples')} training samples, "
                      f"{s.get('valid_samples')} validation, {s.get('test_samples')} test, {s.get('items')} items.\n\n"
-                     + markdown_table(rows, cols, right=[*TABLE_KEYS, "best-on-test P@20", "best-on-test MRR@20",
-                                                         "seeds", "s/epoch"]))
+                     + markdown_table(rows, cols, right=[c for c in cols if c not in ("model", "picked epoch",
+                                                                                        "published P@20 / MRR@20")]))
     note = ("Test metrics (x100) at the epoch picked on VALIDATION (mean ± sample sd over seeds when several). "
+            "'valid': the validation metrics of that epoch. "
             "'best-on-test' is the field's protocol (best epoch on the test set), for comparison only; "
             "'published' are the papers' figures under that protocol on full data (MTD_SPEC.md section 7). "
+            "'picked epoch': the validation-picked epoch of the epochs run (early stopping on validation; "
+            "'fitted': a model fitted in one pass); "
+            "'cap' marks a run the epochs cap stopped while validation was still improving (not converged). "
             "s/epoch: median training seconds per epoch.")
     return note + "\n\n" + "\n\n".join(parts) + "\n"
+
+
+def _picked(best: int, run: int, capped: bool) -> str:
+    return f"{best} of {run}" + (" (cap)" if capped else "")

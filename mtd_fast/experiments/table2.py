@@ -16,11 +16,17 @@ from .report import atomic_write_json, atomic_write_text, display_name
 from .runner import load_results
 from .study import Study, provenance, pyplot, save_figure
 
-__all__ = ["MODELS", "DEFAULT_SEEDS", "run", "report", "curves_figure"]
+__all__ = ["MODELS", "DEFAULT_SEEDS", "REQUIRED", "STRETCH", "run", "report", "curves_figure", "targets"]
 
 MODELS = ("pop", "spop", "itemknn", "gru4rec", "narm", "stamp", "sasrec", "srgnn", "csrm", "cosan", "mtd", "mtd-lo")
 ORDER = (*MODELS, "mtd-va", "mtd-at", "mtd-ga")
 DEFAULT_SEEDS = (0,)
+# the issue's targets: the models every dataset needs, the extra ones Yoochoose 1/64 needs,
+# and the stretch figures for MTD (test P@20 / MRR@20 at the validation-picked epoch)
+REQUIRED = ("mtd", "mtd-lo", "srgnn", "narm", "stamp", "sasrec", "csrm")
+REQUIRED_YOOCHOOSE = MODELS
+STRETCH = {"diginetica": (54.5, 19.0), "yoochoose1_64": (71.5, 31.5), "yoochoose1_64_mtd": (71.5, 31.5)}
+TARGET_KEYS = ("P@20", "MRR@20")
 
 
 def specs(study: Study):
@@ -70,12 +76,57 @@ def curves_figure(records: Sequence[dict[str, Any]], order: Sequence[str] = ORDE
     return fig
 
 
+def targets(merged: dict[str, Any]) -> str:
+    """Markdown: per dataset, where default MTD stands against every other finished model
+    (MTD-lo included) on validation and test P@20 / MRR@20 (means over seeds), the stretch
+    figures, runs the epochs cap stopped, and the required models not finished yet. Computed
+    from the merged files, never written by hand."""
+    lines = ["## Targets (computed from the files)", ""]
+    for ds in merged["datasets"]:
+        title, rows = ds["title"], {r["label"]: r for r in ds["rows"]}
+        lines.append(f"- **{title}**")
+        required = REQUIRED_YOOCHOOSE if ds["dataset"].startswith("yoochoose") else REQUIRED
+        missing = [display_name(m) for m in required if m not in rows]
+        mtd = rows.get("mtd")
+        if mtd is None:
+            lines.append("  - MTD: not finished.")
+        else:
+            others = [r for lab, r in rows.items() if lab != "mtd"]
+            behind = []
+            for part, split in (("valid", "validation"), ("metrics", "test")):
+                for k in TARGET_KEYS:
+                    ours = (mtd[part].get(k) or {}).get("mean")
+                    for r in others:
+                        theirs = (r[part].get(k) or {}).get("mean")
+                        if ours is not None and theirs is not None and theirs >= ours:
+                            behind.append(f"{display_name(r['label'])} on {split} {k} ({theirs:.2f} vs {ours:.2f})")
+            names = ", ".join(display_name(r["label"]) for r in others) or "none"
+            if behind:
+                lines.append(f"  - MTD is **not** ahead of every other finished model ({names}): "
+                             + "; ".join(behind) + ".")
+            else:
+                lines.append(f"  - MTD is ahead of every other finished model ({names}) on validation and test "
+                             "P@20 and MRR@20.")
+            stretch = STRETCH.get(ds["dataset"]) if ds["fraction"] == 1 else None
+            if stretch:
+                got = [mtd["metrics"][k]["mean"] for k in TARGET_KEYS]
+                verdict = "; ".join(f"{k} {g:.2f} against {t:.1f} ({'met' if g >= t else f'{t - g:.2f} short'})"
+                                    for k, g, t in zip(TARGET_KEYS, got, stretch))
+                lines.append(f"  - Stretch (test, validation-picked epoch): {verdict}.")
+        capped = [display_name(lab) for lab, r in rows.items() if any(r.get("stopped_by_cap") or [])]
+        if capped:
+            lines.append(f"  - Stopped by the epochs cap while still improving (not converged): {', '.join(capped)}.")
+        lines.append(f"  - Required, not finished: {', '.join(missing)}." if missing
+                     else "  - Every required model has finished.")
+    return "\n".join(lines) + "\n"
+
+
 def report(records: list[dict[str, Any]], study: Study) -> dict[str, Any]:
     out = study.out
     out.mkdir(parents=True, exist_ok=True)
-    md = f"# Tables 2/3: accuracy ({len(records)} runs)\n\n" + merge_table(records, ORDER)
-    md += "\n" + provenance(records) + "\n"
     merged = merge_json(records, ORDER)
+    md = f"# Tables 2/3: accuracy ({len(records)} runs)\n\n" + merge_table(records, ORDER)
+    md += "\n" + targets(merged) + "\n" + provenance(records) + "\n"
     merged["files"] = sorted(f"{r['dataset']}/{r['label']}/seed{r['seed']}" for r in records)
     paths = {"markdown": atomic_write_text(out / "table2.md", md),
              "json": atomic_write_json(out / "table2.json", merged)}
