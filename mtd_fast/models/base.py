@@ -34,6 +34,25 @@ __all__ = ["SessionModel", "Batch"]
 Batch = dict  # name -> tensor
 
 
+class _HalfSquaredNorm(torch.autograd.Function):
+    """0.5 * ||p||^2 without the (p * p) temporary, with gradient grad * p: one elementwise
+    pass per step over the item table where autograd through (p * p).sum() makes three (the
+    product, then one product per operand in its backward), each a full pass over a table
+    of M x d floats (~20 ms per step at 1 thread on Diginetica's 43k x 100). The gradient
+    is bit-identical to that of 0.5 * (p * p).sum() (x 0.5 and x 2 are exact)."""
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(p)
+        flat = p.reshape(-1)
+        return 0.5 * torch.dot(flat, flat)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (p,) = ctx.saved_tensors
+        return grad * p
+
+
 class SessionModel(nn.Module):
     """Base class: an item catalogue 1..M, a session encoder and full-catalogue scoring."""
 
@@ -116,8 +135,8 @@ class SessionModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def l2_penalty(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
-        """0.5 * sum ||theta||^2 (multiplied by `l2` in the trainer)."""
-        return 0.5 * sum((p * p).sum() for p in params)
+        """0.5 * sum ||theta||^2 (multiplied by `l2` in the trainer); its gradient is theta."""
+        return sum(_HalfSquaredNorm.apply(p) for p in params)
 
     def batch_from_sessions(self, seqs: Sessions, index: np.ndarray) -> Batch:
         items, lengths = pad_batch(seqs, index, self.max_len)
