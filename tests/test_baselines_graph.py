@@ -225,15 +225,15 @@ def test_csrm_memory_is_fifo_written_in_training_only():
     model.train()
     b1 = model.batch_from_sessions(first, np.arange(5))
     assert int(mem.mem_count) == 0
-    r = model.read_outer(model.inner(b1["items"], b1["lengths"])[1])
+    r = model.read_outer(model.inner(b1)[1])
     assert torch.equal(r, torch.zeros_like(r))  # empty memory reads 0
     model(b1)
-    _, c_l1 = model.inner(b1["items"], b1["lengths"])
+    _, c_l1 = model.inner(b1)
     assert int(mem.mem_count) == 5 and int(mem.mem_ptr) == 5
     torch.testing.assert_close(mem.memory[:5], c_l1.detach())
     b2 = model.batch_from_sessions(second, np.arange(5))
     model(b2)
-    _, c_l2 = model.inner(b2["items"], b2["lengths"])
+    _, c_l2 = model.inner(b2)
     assert int(mem.mem_count) == 8 and int(mem.mem_ptr) == 2  # wrapped around
     torch.testing.assert_close(mem.memory[5:8], c_l2[:3].detach())
     torch.testing.assert_close(mem.memory[:2], c_l2[3:].detach())  # oldest slots overwritten
@@ -248,10 +248,31 @@ def test_csrm_memory_is_fifo_written_in_training_only():
     big = Sessions.from_lists([[i + 1] for i in range(11)])
     bb = model.batch_from_sessions(big, np.arange(11))
     model(bb)
-    _, c_big = model.inner(bb["items"], bb["lengths"])
+    _, c_big = model.inner(bb)
     assert int(mem.mem_count) == 8
     assert {tuple(np.round(row, 6)) for row in mem.memory.numpy()} == \
         {tuple(np.round(row, 6)) for row in c_big[-8:].detach().numpy()}
+
+
+def test_csrm_packed_grus_equal_the_padded_formula():
+    """CSRM runs its GRUs on packed sequences: the same c_g, c_l as the GRUs over the padded
+    batch read at each session's last click (a GRU state at click t depends on clicks <= t)."""
+    torch.manual_seed(0)
+    model = CSRM(20, MTDConfig(hidden_size=6), dropout=0.0).eval()
+    sessions = ragged_sessions(20)
+    b = model.batch_from_sessions(Sessions.from_lists(sessions), np.arange(len(sessions)))
+    items, lengths = b["items"], b["lengths"]
+    with torch.no_grad():
+        c_g, c_l = model.inner(b)
+        x = model.item_emb(items)
+        rows = torch.arange(len(sessions))
+        ref_g = model.gru_global(x)[0][rows, lengths - 1]
+        h = model.gru_local(x)[0]
+        e = torch.sigmoid(model.a1(h[rows, lengths - 1])[:, None, :] + model.a2(h)) @ model.v
+        valid = torch.arange(items.shape[1])[None, :] < lengths[:, None]
+        ref_l = (torch.softmax(e.masked_fill(~valid, float("-inf")), -1).unsqueeze(-1) * h).sum(1)
+    torch.testing.assert_close(c_g, ref_g, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(c_l, ref_l, atol=ATOL, rtol=RTOL)
 
 
 def test_cosan_memory_written_in_training_only():

@@ -200,6 +200,27 @@ def test_padding_invariance(name, synthetic):
         assert not torch.equal(alone[0], alone[1])
 
 
+@pytest.mark.parametrize("name", ["gru4rec", "narm"])
+def test_packed_gru_models_equal_the_per_session_formula(name):
+    """GRU4Rec and NARM run on the batch's packed clicks (`layers.rnn_batch`): each row is
+    the model's formula over that session alone, with nothing padded."""
+    torch.manual_seed(0)
+    model = model_class(name)(20, MTDConfig(hidden_size=6), dropout=0.0).eval()
+    sessions = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 2], [3, 3], [7, 1]]
+    batch = model.batch_from_sessions(Sessions.from_lists(sessions), np.arange(len(sessions)))
+    with torch.no_grad():
+        got = model(batch)
+        for i, s in enumerate(sessions):
+            out, h = model.gru(model.item_emb(torch.tensor(s))[None])
+            c_g, states = h[-1, 0], out[0]  # (d,), (len, d)
+            if name == "gru4rec":
+                ref = c_g
+            else:
+                alpha = model.v(torch.sigmoid(model.a1(c_g) + model.a2(states)))  # (len, 1), no softmax
+                ref = model.bilinear(torch.cat([c_g, (alpha * states).sum(0)]))
+            torch.testing.assert_close(got[i], ref, atol=2e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", NEURAL)
 def test_neural_dropout_and_gradients(name, synthetic):
     model = model_class(name)(synthetic.n_items, MTDConfig(hidden_size=16), dropout=0.5)

@@ -66,22 +66,25 @@ Deliberate deviations (and decisions):
   prefix samples; the code uses lr 5e-4, dims 150. Dropout: `TrainConfig.dropout` on the
   item embeddings and before the decoder (the code: 0.25 and 0.5).
 - Initialisation U(-1/sqrt(d), 1/sqrt(d)) everywhere (the code: scaled normals), padding
-  row of E zero. The GRUs run over the padded batch without packing: a state at click t
-  depends only on clicks <= t, so reading the state at lengths-1 is exact and
-  independent of the batch width.
+  row of E zero. The embeddings, both GRUs and the attention run on the batch's valid
+  clicks only (packed rows, `layers.rnn_batch` / `run_gru`), so a session's states do not
+  depend on the batch width and the padding costs nothing (a batch of 512 pads to its
+  longest prefix: 84 clicks on average on Yoochoose 1/64 and 176 on Retailrocket, against
+  means of 5.1 and 9.1).
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import MTDConfig
 from .base import Batch, SessionModel
-from .layers import FifoMemory
+from .layers import FifoMemory, rnn_batch, run_gru, segment_softmax, segment_sum
 
 __all__ = ["CSRM"]
 
@@ -115,18 +118,18 @@ class CSRM(SessionModel):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
-    def inner(self, items: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare_batch(self, items: np.ndarray, lengths: np.ndarray) -> Batch:
+        return rnn_batch(self, items, lengths)
+
+    def inner(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """IME: (c_g, c_l), each (B, d), before standardisation."""
-        b, L = items.shape
-        rows = torch.arange(b, device=items.device)
-        x = F.dropout(self.item_emb(items), self.dropout_p, self.training)
-        # no packing needed: a GRU state at click t depends on clicks <= t only
-        c_g = self.gru_global(x)[0][rows, lengths - 1]  # (B, d)
-        h = self.gru_local(x)[0]  # (B, L, d)
-        e = torch.sigmoid(self.a1(h[rows, lengths - 1])[:, None, :] + self.a2(h)) @ self.v  # (B, L)
-        valid = torch.arange(L, device=items.device)[None, :] < lengths[:, None]
-        a = torch.softmax(e.masked_fill(~valid, float("-inf")), dim=-1)
-        c_l = (a.unsqueeze(-1) * h).sum(1)  # (B, d)
+        session = batch["click_session"]  # (N,): the batch row of each valid click
+        x = F.dropout(self.item_emb(batch["click_ids"]), self.dropout_p, self.training)  # (N, d)
+        c_g = run_gru(self.gru_global, x, batch)  # (B, d): the state after the last click
+        h_last, h = run_gru(self.gru_local, x, batch, outputs=True)  # (B, d), (N, d)
+        e = torch.sigmoid(self.a1(h_last)[session] + self.a2(h)) @ self.v  # (N,)
+        a = segment_softmax(e, session, h_last.shape[0])  # softmax over each session's clicks
+        c_l = segment_sum(a[:, None] * h, session, h_last.shape[0])  # (B, d)
         return c_g, c_l
 
     def read_outer(self, c_l: torch.Tensor) -> torch.Tensor:
@@ -138,7 +141,7 @@ class CSRM(SessionModel):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Fused session representation c (B, 2d); writes the memory in training mode."""
-        c_g, c_l = self.inner(batch["items"], batch["lengths"])
+        c_g, c_l = self.inner(batch)
         r = self.read_outer(c_l)
         if self.training:
             self.outer.write(c_l)  # after the read: a sample never retrieves itself

@@ -24,12 +24,13 @@ Deliberate deviations (all so that every model shares one pipeline):
   (the paper: Adagrad), dropout `TrainConfig.dropout` on the input embeddings and on
   the final state (the paper: dropout on the hidden layer only).
 
-Padding: the batch is left-aligned and 0-padded; the GRU runs on a packed sequence
-(`pack_padded_sequence`), so padding is never read and its final state is each
-session's own state after its last click. Packing also skips the padded steps: with
-prefix samples a 512-row batch is padded to its longest prefix while most are short
-(measured, one thread, B 512, d 100, lengths geometric with mean 5 and max 69: GRU
-forward + backward 170-195 ms packed against 885-1007 ms over the padded tensor).
+Padding: the GRU runs on the batch's valid clicks packed as a `PackedSequence`
+(`layers.rnn_batch` / `run_gru`), embedded and dropped out as N = sum(lengths) rows, so
+padding is never read or computed and the final state is each session's own state
+after its last click. With prefix samples a 512-row batch is padded to its longest
+prefix while most are short (measured, one thread, B 512, d 100, lengths geometric with
+mean 5 and max 69: GRU forward + backward 170-195 ms packed against 885-1007 ms over the
+padded tensor).
 """
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ class GRU4Rec(SessionModel):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Session state (B, d)."""
-        x = F.dropout(self.item_emb(batch["items"]), self.dropout_p, self.training)  # (B, L, d)
+        x = F.dropout(self.item_emb(batch["click_ids"]), self.dropout_p, self.training)  # (N, d) valid clicks
         h = run_gru(self.gru, x, batch)  # (B, d)
         return F.dropout(h, self.dropout_p, self.training)
 

@@ -4,7 +4,8 @@
   `init_attention_encoder`): MTD's position-aware self-attention encoder, reused by CoSAN;
   SASRec takes its LayerNorm epsilon and dropout masks;
 - `FifoMemory`: the ring memory of recent sessions of CSRM, reused by CoSAN;
-- `rnn_batch`, `run_gru`: the GRU plumbing of GRU4Rec and NARM.
+- `rnn_batch`, `run_gru`, `segment_softmax`, `segment_sum`: the packed-click GRU plumbing
+  of GRU4Rec, NARM and CSRM.
 
 The hot ops go through `mtd_fast.ops`, as in the models.
 """
@@ -17,13 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from .. import ops
 from .base import Batch, SessionModel
 
 __all__ = ["LN_EPS", "dropout_mask", "Packing", "SelfAttentionBlock", "init_attention_encoder", "FifoMemory",
-           "rnn_batch", "run_gru"]
+           "rnn_batch", "run_gru", "segment_softmax", "segment_sum"]
 
 
 LN_EPS = 1e-8  # the authors' TF `normalize` epsilon
@@ -178,26 +179,57 @@ class FifoMemory(nn.Module):
 
 
 def rnn_batch(model: SessionModel, items: np.ndarray, lengths: np.ndarray) -> Batch:
-    """`prepare_batch` of the RNN models: also keeps the lengths on the CPU, where
-    `pack_padded_sequence` needs them (no device sync per batch)."""
+    """`prepare_batch` of the RNN models: the padded batch plus its valid clicks packed in
+    the time-major order of a `PackedSequence` (what `nn.GRU` reads), built here in NumPy,
+    so the models embed, drop out and attend over the N = sum(lengths) clicks only and no
+    (B, L, d) tensor is made (a batch of 512 pads to its longest prefix: on average 84
+    clicks on Yoochoose 1/64 and 176 on Retailrocket, against means of 5.1 and 9.1).
+
+    click_ids (N,): the item of each packed click; click_session (N,): its batch row;
+    batch_sizes (L,) on the CPU (how many sessions have a click at step t);
+    sorted_indices / unsorted_indices (B,): the PackedSequence's order (longest first, ties
+    by batch row) and its inverse.
+    """
     dev = model.device
-    return {"items": torch.from_numpy(items).to(dev), "lengths": torch.from_numpy(lengths).to(dev),
-            "lengths_cpu": torch.from_numpy(np.asarray(lengths, dtype=np.int64))}
+    items = np.ascontiguousarray(items)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    width = int(lengths.max()) if lengths.size else 0
+    valid = np.arange(width)[:, None] < lengths[order][None, :]  # (L, B) in packed order
+    ids = items[order, :width].T[valid]
+    session = np.broadcast_to(order, valid.shape)[valid]
+    unsorted = np.empty_like(order)
+    unsorted[order] = np.arange(order.size)
+    as_t = torch.from_numpy
+    return {"items": as_t(items).to(dev), "lengths": as_t(lengths).to(dev),
+            "click_ids": as_t(np.ascontiguousarray(ids, dtype=np.int64)).to(dev),
+            "click_session": as_t(np.ascontiguousarray(session)).to(dev),
+            "batch_sizes": as_t(valid.sum(1).astype(np.int64)),
+            "sorted_indices": as_t(order).to(dev), "unsorted_indices": as_t(unsorted).to(dev)}
 
 
 def run_gru(gru: nn.GRU, x: torch.Tensor, batch: Batch, outputs: bool = False):
-    """Run a batch_first GRU over the valid steps only.
+    """Run a batch_first GRU over the valid clicks only.
 
-    x: (B, L, d_in) left-aligned inputs; returns the state after each session's last click
-    (B, d) and, with `outputs`, all states (B, L, d) with zeros on padding.
+    x: (N, d_in), one row per packed click of `rnn_batch` (e.g. `emb(batch["click_ids"])`);
+    returns the state after each session's last click (B, d) in the batch's order and,
+    with `outputs`, the state after every click (N, d), row for row with x (its session
+    is `batch["click_session"]`).
     """
-    lengths = batch.get("lengths_cpu")
-    if lengths is None:
-        lengths = batch["lengths"].cpu()
-    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    packed = PackedSequence(x, batch["batch_sizes"], batch["sorted_indices"], batch["unsorted_indices"])
     out, h_n = gru(packed)
     last = h_n[-1]  # (B, d), back in the batch's order
-    if not outputs:
-        return last
-    states, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])  # (B, L, d)
-    return last, states
+    return (last, out.data) if outputs else last
+
+
+def segment_softmax(e: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
+    """Softmax of the scores e (N,) within each segment (segment (N,) in [0, n)): the
+    masked softmax over a padded row, without the padding."""
+    top = e.new_full((n,), float("-inf")).scatter_reduce(0, segment, e.detach(), "amax")
+    ex = torch.exp(e - top[segment])
+    return ex / ex.new_zeros(n).index_add(0, segment, ex)[segment]
+
+
+def segment_sum(x: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
+    """(N, d) rows summed per segment -> (n, d) (0 for an empty segment)."""
+    return x.new_zeros(n, x.shape[-1]).index_add(0, segment, x)

@@ -20,8 +20,9 @@ Deliberate deviations:
 - attention as written in the paper (sigmoid, unnormalized, padding weighted 0); the
   authors' Theano code, as we read it, uses a hard sigmoid and a masked softmax.
 
-Padding: the GRU runs on a packed sequence (`gru4rec.run_gru`), padded states are 0 and
-their attention weights are masked to 0, so batching never changes a session's scores.
+Padding: the GRU and the attention run on the batch's valid clicks only (packed rows,
+`layers.rnn_batch` / `run_gru`; the attention sum is per session over those rows), so
+padding is never read and batching never changes a session's scores.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from torch import nn
 
 from ..config import MTDConfig
 from .base import Batch, SessionModel
-from .layers import rnn_batch, run_gru
+from .layers import rnn_batch, run_gru, segment_sum
 
 __all__ = ["NARM"]
 
@@ -76,13 +77,11 @@ class NARM(SessionModel):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Session representation after the bi-linear map, B c_t: (B, d)."""
-        items, lengths = batch["items"], batch["lengths"]
-        x = F.dropout(self.item_emb(items), self.dropout_p, self.training)  # (B, L, d)
-        c_g, h = run_gru(self.gru, x, batch, outputs=True)  # (B, d), (B, L, d)
-        mask = torch.arange(items.shape[1], device=items.device)[None, :] < lengths[:, None]  # (B, L)
-        alpha = self.v(torch.sigmoid(self.a1(c_g)[:, None, :] + self.a2(h))).squeeze(-1)  # (B, L)
-        alpha = alpha * mask.to(alpha.dtype)
-        c_l = torch.bmm(alpha[:, None, :], h).squeeze(1)  # (B, d)
+        session = batch["click_session"]  # (N,): the batch row of each valid click
+        x = F.dropout(self.item_emb(batch["click_ids"]), self.dropout_p, self.training)  # (N, d)
+        c_g, h = run_gru(self.gru, x, batch, outputs=True)  # (B, d), (N, d)
+        alpha = self.v(torch.sigmoid(self.a1(c_g)[session] + self.a2(h)))  # (N, 1)
+        c_l = segment_sum(alpha * h, session, c_g.shape[0])  # (B, d)
         c = F.dropout(torch.cat([c_g, c_l], dim=-1), self.dropout_p, self.training)  # (B, 2d)
         return self.bilinear(c)
 
