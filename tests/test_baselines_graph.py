@@ -254,6 +254,41 @@ def test_csrm_memory_is_fifo_written_in_training_only():
         {tuple(np.round(row, 6)) for row in c_big[-8:].detach().numpy()}
 
 
+@pytest.mark.parametrize("blocks,heads", [(1, 1), (2, 2), (0, 1)])
+def test_sasrec_packed_encoder_equals_the_dense_formula(blocks, heads):
+    """SASRec runs on packed clicks and its last block computes the last position only: the
+    same representation as the dense pre-LN stack (causal attention over the padded batch,
+    padding zeroed after every block) read at each session's last click."""
+    from torch.nn import functional as F
+
+    from mtd_fast.ops.common import position_index
+    from mtd_fast.ops.session_attention import session_attention_ref
+
+    torch.manual_seed(0)
+    model = SASRec(20, MTDConfig(hidden_size=8, num_blocks=blocks, num_heads=heads, max_position=6), dropout=0.0)
+    model.eval()
+    sessions = ragged_sessions(20)
+    b = model.batch_from_sessions(Sessions.from_lists(sessions), np.arange(len(sessions)))
+    items, lengths = b["items"], b["lengths"]
+    with torch.no_grad():
+        got = model.encode(items, lengths)
+        L = items.shape[1]
+        valid = (torch.arange(L)[None, :] < lengths[:, None]).unsqueeze(-1).float()
+        x = (model.item_emb(items) + model.pos_emb(position_index(lengths, L).clamp_max(6))) * valid
+        for blk in model.blocks:
+            y = blk.ln1(x)
+            x = x + session_attention_ref(blk.wq(y), blk.wk(y), blk.wv(y), lengths, num_heads=heads)
+            x = (x + blk.w2(F.relu(blk.w1(blk.ln2(x))))) * valid
+        ref = model.ln_final(x)[torch.arange(len(sessions)), lengths - 1]
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
+    model.train()  # with dropout: finite, and every parameter of the blocks gets a gradient
+    model.dropout_p = 0.3
+    for blk in model.blocks:
+        blk.p = 0.3
+    model.encode(items, lengths).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.blocks.parameters())
+
+
 def test_csrm_packed_grus_equal_the_padded_formula():
     """CSRM runs its GRUs on packed sequences: the same c_g, c_l as the GRUs over the padded
     batch read at each session's last click (a GRU state at click t depends on clicks <= t)."""

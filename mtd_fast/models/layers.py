@@ -50,6 +50,11 @@ class Packing:
         self.index = valid.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions in B * L
         self.last = torch.cumsum(lengths, 0) - 1  # (B,) packed index of each session's last click
 
+    @property
+    def session(self) -> torch.Tensor:
+        """(N,) the batch row of each packed token."""
+        return torch.div(self.index, self.width, rounding_mode="floor")
+
     def pack(self, dense: torch.Tensor) -> torch.Tensor:
         """(B, L, ...) -> (N, ...)"""
         return dense.reshape(self.batch * self.width, *dense.shape[2:])[self.index]
@@ -223,11 +228,13 @@ def run_gru(gru: nn.GRU, x: torch.Tensor, batch: Batch, outputs: bool = False):
 
 
 def segment_softmax(e: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
-    """Softmax of the scores e (N,) within each segment (segment (N,) in [0, n)): the
-    masked softmax over a padded row, without the padding."""
-    top = e.new_full((n,), float("-inf")).scatter_reduce(0, segment, e.detach(), "amax")
+    """Softmax of the scores e (N, ...) over the rows of each segment (segment (N,) in
+    [0, n)), separately for every trailing index: the masked softmax over a padded row,
+    without the padding."""
+    index = segment.view(-1, *([1] * (e.dim() - 1))).expand_as(e)
+    top = e.new_full((n, *e.shape[1:]), float("-inf")).scatter_reduce(0, index, e.detach(), "amax")
     ex = torch.exp(e - top[segment])
-    return ex / ex.new_zeros(n).index_add(0, segment, ex)[segment]
+    return ex / ex.new_zeros(n, *e.shape[1:]).index_add(0, segment, ex)[segment]
 
 
 def segment_sum(x: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
