@@ -203,7 +203,7 @@ def test_srgnn_propagation_matches_hand_formula():
     batch = model.prepare_batch(items, lengths)
     batch = {k: (t.double() if t.is_floating_point() else t) for k, t in batch.items()}
     states = model.click_states(batch).detach().numpy()
-    np.testing.assert_allclose(states[0, :4], v[[0, 1, 0, 2]], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(states[:4], v[[0, 1, 0, 2]], rtol=1e-12, atol=1e-12)  # packed: session 0 first
     # read-out: alpha_i = q . sigmoid(W1 v_n + c + W2 v_i) (no softmax), s_h = W3 [v_n ; s_g]
     seq = v[[0, 1, 0, 2]]
     last = seq[-1]

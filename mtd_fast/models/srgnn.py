@@ -40,13 +40,14 @@ Deliberate deviations (and decisions):
 - Session graphs come from `mtd_fast.ops.session_graphs` (`SessionGraphs`): nodes are the
   session's distinct items in ascending id order (the authors use np.unique too), padded
   node slots have zero adjacency rows/columns and never reach a real click, so a session's
-  scores do not depend on what it is batched with. Dense per-batch adjacency (B, n, n) is
-  used; never anything M x M.
+  scores do not depend on what it is batched with. The model runs on the graphs packed
+  (`prepare_batch`): all sessions' nodes in one list, A_in / A_out as edge lists, the
+  valid clicks as indices into the nodes; never anything M x M and nothing padded.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -55,6 +56,7 @@ from torch import nn
 from .. import ops
 from ..config import MTDConfig
 from .base import Batch, SessionModel
+from .layers import segment_sum
 
 __all__ = ["SRGNN", "GatedGNN"]
 
@@ -72,9 +74,11 @@ class GatedGNN(nn.Module):
         self.u_zr = nn.Linear(d, 2 * d, bias=False)  # [U_z; U_r]
         self.u_o = nn.Linear(d, d, bias=False)  # U_o
 
-    def step(self, v: torch.Tensor, adj_in: torch.Tensor, adj_out: torch.Tensor) -> torch.Tensor:
-        """One propagation step. v: (B, n, d); adj_in, adj_out: (B, n, n) -> (B, n, d)."""
-        a = torch.cat([adj_in @ self.h_in(v), adj_out @ self.h_out(v)], dim=-1) + self.b  # (B, n, 2d)
+    def step(self, v: torch.Tensor, adj_in: Callable[[torch.Tensor], torch.Tensor],
+             adj_out: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """One propagation step over node states v (..., d); adj_in / adj_out apply A_in /
+        A_out to node features of v's shape (dense (B, n, n) products or packed sparse ones)."""
+        a = torch.cat([adj_in(self.h_in(v)), adj_out(self.h_out(v))], dim=-1) + self.b  # (..., 2d)
         wz, wr, wo = self.w(a).chunk(3, dim=-1)
         uz, ur = self.u_zr(v).chunk(2, dim=-1)
         z = torch.sigmoid(wz + uz)
@@ -82,15 +86,17 @@ class GatedGNN(nn.Module):
         c = torch.tanh(wo + self.u_o(r * v))
         return (1 - z) * v + z * c
 
-    def forward(self, v: torch.Tensor, adj_in: torch.Tensor, adj_out: torch.Tensor) -> torch.Tensor:
+    def forward(self, v: torch.Tensor, adj_in: Callable[[torch.Tensor], torch.Tensor],
+                adj_out: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         for _ in range(self.steps):
             v = self.step(v, adj_in, adj_out)
         return v
 
 
 class SRGNN(SessionModel):
-    """SR-GNN. Batch: items (B, L) left-aligned, 0-padded; lengths (B,); plus the session
-    graphs (nodes (B, n), alias (B, L), adj_in / adj_out (B, n, n)) from `prepare_batch`."""
+    """SR-GNN. Batch: items (B, L) left-aligned, 0-padded; lengths (B,); plus the packed
+    session graphs of `prepare_batch` (node_ids (K,), edge lists of A_in / A_out,
+    click_node / click_session (N,))."""
 
     name = "srgnn"
 
@@ -115,33 +121,52 @@ class SRGNN(SessionModel):
 
     # ---- batch ------------------------------------------------------------------------------
     def prepare_batch(self, items: np.ndarray, lengths: np.ndarray) -> Batch:
+        """The session graphs of the batch (`ops.session_graphs`), packed: the K nodes of all
+        sessions in one list, A_in / A_out as edge lists over it, and the N valid clicks in
+        row-major order as indices into it. Nothing is padded, so the GNN and the read-out
+        cost O(K + N) rows instead of B x (longest session) (a batch of 512 pads to 84
+        clicks on average on Yoochoose 1/64 against a mean of 5.1). The padded graphs stay
+        in the batch on the CPU for inspection (`nodes`, `alias`, `adj_in`, `adj_out`)."""
         g = ops.session_graphs(items, lengths, backend=self.backend)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        n_nodes = np.asarray(g.n_nodes, dtype=np.int64)
+        first = np.cumsum(n_nodes) - n_nodes  # (B,) packed index of each session's first node
+        node_valid = np.arange(g.nodes.shape[1])[None, :] < n_nodes[:, None]
+        click_valid = np.arange(items.shape[1])[None, :] < lengths[:, None]
+        session, step = np.nonzero(click_valid)  # row-major: session by session
         dev = self.device
-        return {
-            "items": torch.from_numpy(np.ascontiguousarray(items)).to(dev),
-            "lengths": torch.from_numpy(np.ascontiguousarray(lengths)).to(dev),
-            "nodes": torch.from_numpy(g.nodes).to(dev),  # (B, n)
-            "alias": torch.from_numpy(g.alias).to(dev),  # (B, L)
-            "adj_in": torch.from_numpy(g.adj_in).to(dev),  # (B, n, n)
-            "adj_out": torch.from_numpy(g.adj_out).to(dev),  # (B, n, n)
-        }
+        batch = {"items": torch.from_numpy(np.ascontiguousarray(items)).to(dev),
+                 "lengths": torch.from_numpy(lengths).to(dev),
+                 "node_ids": torch.from_numpy(g.nodes[node_valid]).to(dev),  # (K,)
+                 "click_node": torch.from_numpy(first[session] + g.alias[session, step]).to(dev),  # (N,)
+                 "click_session": torch.from_numpy(session).to(dev),  # (N,)
+                 "nodes": torch.from_numpy(g.nodes), "alias": torch.from_numpy(g.alias),
+                 "adj_in": torch.from_numpy(g.adj_in), "adj_out": torch.from_numpy(g.adj_out)}
+        for name, adj in (("in", g.adj_in), ("out", g.adj_out)):
+            b, i, j = np.nonzero(adj)  # edges, sorted by their packed row
+            batch[f"edge_{name}_rows"] = torch.from_numpy(first[b] + i).to(dev)
+            batch[f"edge_{name}_cols"] = torch.from_numpy(first[b] + j).to(dev)
+            batch[f"edge_{name}_weights"] = torch.from_numpy(adj[b, i, j]).to(dev)
+        return batch
 
     # ---- encoder ----------------------------------------------------------------------------
     def click_states(self, batch: Batch) -> torch.Tensor:
-        """(B, L, d): the final GNN state of each click's node (garbage on padding)."""
-        v = self.gnn(self.item_emb(batch["nodes"]), batch["adj_in"], batch["adj_out"])  # (B, n, d)
-        alias = batch["alias"]
-        return torch.gather(v, 1, alias.unsqueeze(-1).expand(-1, -1, v.shape[-1]))
+        """(N, d): the final GNN state of each valid click's node, clicks in row-major order."""
+        def adjacency(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+            rows, cols, w = (batch[f"edge_{name}_{f}"] for f in ("rows", "cols", "weights"))
+            return lambda x: x.new_zeros(x.shape).index_add(0, rows, w[:, None].to(x.dtype) * x[cols])
+
+        v = self.gnn(self.item_emb(batch["node_ids"]), adjacency("in"), adjacency("out"))  # (K, d)
+        return v[batch["click_node"]]
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Hybrid session embedding s_h (B, d)."""
-        lengths = batch["lengths"]
-        s = self.click_states(batch)  # (B, L, d)
-        b, L, _ = s.shape
-        valid = (torch.arange(L, device=s.device)[None, :] < lengths[:, None]).to(s.dtype)  # (B, L)
-        last = s[torch.arange(b, device=s.device), lengths - 1]  # s_l = v_n (B, d)
-        alpha = torch.sigmoid(self.w1(last)[:, None, :] + self.w2(s)) @ self.q  # (B, L)
-        s_g = ((alpha * valid).unsqueeze(-1) * s).sum(1)  # (B, d)
+        s = self.click_states(batch)  # (N, d)
+        session = batch["click_session"]
+        b = batch["lengths"].shape[0]
+        last = s[torch.cumsum(batch["lengths"], 0) - 1]  # s_l = v_n (B, d)
+        alpha = torch.sigmoid(self.w1(last)[session] + self.w2(s)) @ self.q  # (N,), no softmax
+        s_g = segment_sum(alpha[:, None] * s, session, b)  # (B, d)
         return self.w3(torch.cat([last, s_g], dim=-1))
 
     def score_parts(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
