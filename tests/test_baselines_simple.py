@@ -200,10 +200,11 @@ def test_padding_invariance(name, synthetic):
         assert not torch.equal(alone[0], alone[1])
 
 
-@pytest.mark.parametrize("name", ["gru4rec", "narm"])
-def test_packed_gru_models_equal_the_per_session_formula(name):
-    """GRU4Rec and NARM run on the batch's packed clicks (`layers.rnn_batch`): each row is
-    the model's formula over that session alone, with nothing padded."""
+@pytest.mark.parametrize("name", ["gru4rec", "narm", "stamp"])
+def test_packed_models_equal_the_per_session_formula(name):
+    """GRU4Rec, NARM (`layers.rnn_batch`) and STAMP (`layers.Packing`) run on the batch's
+    packed clicks: each row is the model's formula (the paper's, written here) over that
+    session alone, with nothing padded."""
     torch.manual_seed(0)
     model = model_class(name)(20, MTDConfig(hidden_size=6), dropout=0.0).eval()
     sessions = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 2], [3, 3], [7, 1]]
@@ -211,6 +212,13 @@ def test_packed_gru_models_equal_the_per_session_formula(name):
     with torch.no_grad():
         got = model(batch)
         for i, s in enumerate(sessions):
+            if name == "stamp":  # m_s the mean, x_t the last click, alpha unnormalised (STAMP eqs. 7-9)
+                x = model.item_emb(torch.tensor(s))
+                x_t, m_s = x[-1], x.mean(0)
+                alpha = model.w0(torch.sigmoid(model.w1(x) + model.w2(x_t) + model.w3(m_s)))  # (len, 1)
+                ref = torch.tanh(model.mlp_s((alpha * x).sum(0))) * torch.tanh(model.mlp_t(x_t))
+                torch.testing.assert_close(got[i], ref, atol=2e-6, rtol=1e-5)
+                continue
             out, h = model.gru(model.item_emb(torch.tensor(s))[None])
             c_g, states = h[-1, 0], out[0]  # (d,), (len, d)
             if name == "gru4rec":

@@ -26,8 +26,9 @@ Deliberate deviations:
   factors barely moves, and one epoch on the synthetic data left STAMP at popularity
   level (P@20 15.2 against POP's 14.6; 29.6 with these embeddings).
 
-Padding: m_s averages the valid positions only and padded positions get attention 0,
-so batching never changes a session's scores.
+Padding: the model runs on the batch's valid clicks only (`layers.Packing`); m_s averages
+them and the attention sums over them, so padding is never computed and batching never
+changes a session's scores.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from torch import nn
 
 from ..config import MTDConfig
 from .base import Batch, SessionModel
+from .layers import Packing, segment_sum
 
 __all__ = ["STAMP"]
 
@@ -74,17 +76,16 @@ class STAMP(SessionModel):
                 nn.init.zeros_(lin.bias)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """h_s * h_t (B, d): the vector every item embedding is scored against."""
+        """h_s * h_t (B, d): the vector every item embedding is scored against. Runs on the
+        batch's valid clicks only (`Packing`, N = sum(lengths) rows)."""
         items, lengths = batch["items"], batch["lengths"]
-        b, width = items.shape
-        mask = (torch.arange(width, device=items.device)[None, :] < lengths[:, None])  # (B, L)
-        maskf = mask.to(self.item_emb.weight.dtype)
-        x = F.dropout(self.item_emb(items), self.dropout_p, self.training) * maskf[..., None]  # (B, L, d)
-        x_t = x[torch.arange(b, device=items.device), lengths - 1]  # (B, d)
-        m_s = x.sum(1) / lengths[:, None].to(x.dtype)  # (B, d)
-        alpha = self.w0(torch.sigmoid(self.w1(x) + (self.w2(x_t) + self.w3(m_s))[:, None, :])).squeeze(-1)
-        alpha = alpha * maskf  # (B, L)
-        m_a = torch.bmm(alpha[:, None, :], x).squeeze(1)  # (B, d)
+        packing = Packing(lengths, items.shape[1])
+        session, b = packing.session, packing.batch
+        x = F.dropout(self.item_emb(packing.pack(items)), self.dropout_p, self.training)  # (N, d)
+        x_t = x[packing.last]  # (B, d)
+        m_s = segment_sum(x, session, b) / lengths[:, None].to(x.dtype)  # (B, d)
+        alpha = self.w0(torch.sigmoid(self.w1(x) + (self.w2(x_t) + self.w3(m_s))[session]))  # (N, 1)
+        m_a = segment_sum(alpha * x, session, b)  # (B, d)
         h_s = torch.tanh(self.mlp_s(m_a))
         h_t = torch.tanh(self.mlp_t(x_t))
         return h_s * h_t
