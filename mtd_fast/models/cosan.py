@@ -76,7 +76,7 @@ from torch import nn
 from ..config import MTDConfig
 from ..ops.common import position_index
 from .base import Batch, SessionModel
-from .layers import FifoMemory, SelfAttentionBlock, init_attention_encoder
+from .layers import FifoMemory, Packing, SelfAttentionBlock, init_attention_encoder, segment_sum
 
 __all__ = ["CoSAN"]
 
@@ -105,36 +105,34 @@ class CoSAN(SessionModel):
         nn.init.xavier_uniform_(self.combine.weight)
         nn.init.zeros_(self.collab_proj.weight)  # start as plain self-attention; see the module docstring
 
-    def collaborative_items(self, e: torch.Tensor, valid: torch.Tensor, s_cur: torch.Tensor) -> torch.Tensor:
-        """c (B, L, d): neighbourhood aggregate of every valid click (0 on padding / empty memory).
+    def collaborative_items(self, e: torch.Tensor, session: torch.Tensor, s_cur: torch.Tensor) -> torch.Tensor:
+        """c (N, d): neighbourhood aggregate of every valid click (0 with an empty memory).
 
-        e: (B, L, d) item embeddings; valid: (B, L) bool; s_cur: (B, d).
-        Only the valid clicks are processed (flattened), never the padding.
+        e: (N, d) embeddings of the batch's valid clicks (`Packing`); session: (N,) the batch
+        row of each; s_cur: (B, d).
         """
-        b_idx, t_idx = valid.nonzero(as_tuple=True)  # (V,), (V,)
-        _, idx = self.neighbors.topk_cosine(e[b_idx, t_idx], self.config.cosan_neighbors)  # (V, k) slots
+        _, idx = self.neighbors.topk_cosine(e, self.config.cosan_neighbors)  # (N, k) slots
         if idx.shape[1] == 0:
             return torch.zeros_like(e)
         mem = self.neighbors.filled()  # (n, d), detached
         per_session = s_cur @ mem.t() / math.sqrt(e.shape[-1])  # (B, n): Mem_j . s_cur / sqrt(d)
-        beta = torch.softmax(per_session[b_idx].gather(1, idx), dim=-1)  # (V, k)
-        agg = self.neighbors.aggregate(beta, idx)  # (V, d)
-        return torch.zeros_like(e).index_put((b_idx, t_idx), self.collab_proj(agg))
+        beta = torch.softmax(per_session[session].gather(1, idx), dim=-1)  # (N, k)
+        return self.collab_proj(self.neighbors.aggregate(beta, idx))  # (N, d)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """Final session representation z (B, d); writes the memory in training mode."""
+        """Final session representation z (B, d); writes the memory in training mode. Runs on
+        the batch's valid clicks only (`Packing`)."""
         items, lengths = batch["items"], batch["lengths"]
-        b, L = items.shape
-        valid = torch.arange(L, device=items.device)[None, :] < lengths[:, None]  # (B, L)
-        e = self.item_emb(items)  # (B, L, d), zero rows on padding
-        s_cur = e.sum(1) / lengths[:, None].to(e.dtype)  # mean over valid clicks
-        x = e + self.collaborative_items(e, valid, s_cur)
-        pos = position_index(lengths, L).clamp_max(self.config.max_position)
-        h = F.dropout(x + self.pos_emb(pos), self.dropout_p, self.training)
+        packing = Packing(lengths, items.shape[1])
+        session = packing.session
+        e = self.item_emb(packing.pack(items))  # (N, d)
+        s_cur = segment_sum(e, session, packing.batch) / lengths[:, None].to(e.dtype)  # mean over valid clicks
+        x = e + self.collaborative_items(e, session, s_cur)
+        pos = position_index(lengths, items.shape[1]).clamp_max(self.config.max_position)
+        h = F.dropout(x + self.pos_emb(packing.pack(pos)), self.dropout_p, self.training)
         for blk in self.blocks:
-            h = blk(h, lengths)
-        h_last = h[torch.arange(b, device=items.device), lengths - 1]
-        z = self.combine(torch.cat([h_last, s_cur], dim=-1))
+            h = blk(h, lengths, packing=packing)
+        z = self.combine(torch.cat([h[packing.last], s_cur], dim=-1))
         if self.training:
             self.neighbors.write(z)  # after the read: a sample never retrieves itself
         return z
