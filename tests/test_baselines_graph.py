@@ -289,6 +289,17 @@ def test_sasrec_packed_encoder_equals_the_dense_formula(blocks, heads):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.blocks.parameters())
 
 
+@pytest.mark.parametrize("name", ["gru4rec", "narm", "stamp", "sasrec", "srgnn", "csrm", "cosan", "mtd"])
+def test_packed_models_refuse_empty_or_too_long_sessions(name):
+    """On packed rows a length of 0 (or above the padded width) would silently shift every
+    later session onto another one's clicks: each model refuses it, naming the problem."""
+    model = model_class(name)(10, MTDConfig(hidden_size=4)).eval()
+    items = np.array([[1, 2, 0], [0, 0, 0], [3, 0, 0]])
+    for lengths in (np.array([2, 0, 1]), np.array([2, 4, 1])):
+        with pytest.raises(ValueError, match="session lengths must be in 1..3"):
+            model.score_parts(model.prepare_batch(items, lengths))
+
+
 def test_csrm_packed_grus_equal_the_padded_formula():
     """CSRM runs its GRUs on packed sequences: the same c_g, c_l as the GRUs over the padded
     batch read at each session's last click (a GRU state at click t depends on clicks <= t)."""

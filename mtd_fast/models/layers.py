@@ -1,11 +1,13 @@
 """Layers shared by more than one model, so that no model imports another model's file.
 
-- `SelfAttentionBlock` (with `Packing`, `dropout_mask`, `LN_EPS` and
-  `init_attention_encoder`): MTD's position-aware self-attention encoder, reused by CoSAN;
-  SASRec takes its LayerNorm epsilon and dropout masks;
+- `SelfAttentionBlock` (with `dropout_mask`, `LN_EPS` and `init_attention_encoder`): MTD's
+  position-aware self-attention encoder, reused by CoSAN; SASRec takes its LayerNorm
+  epsilon and dropout masks;
+- `Packing`: a padded batch's valid tokens in row-major order (MTD, SASRec, STAMP, CoSAN);
 - `FifoMemory`: the ring memory of recent sessions of CSRM, reused by CoSAN;
-- `rnn_batch`, `run_gru`, `segment_softmax`, `segment_sum`: the packed-click GRU plumbing
-  of GRU4Rec, NARM and CSRM.
+- `rnn_batch`, `run_gru`: the packed-click GRU plumbing of GRU4Rec, NARM and CSRM;
+- `segment_softmax`, `segment_sum`: softmax and sums over each session's packed rows
+  (NARM, CSRM, SASRec, STAMP, CoSAN, SR-GNN).
 
 The hot ops go through `mtd_fast.ops`, as in the models.
 """
@@ -21,6 +23,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import ops
+from ..ops.common import check_lengths
 from .base import Batch, SessionModel
 
 __all__ = ["LN_EPS", "dropout_mask", "Packing", "SelfAttentionBlock", "init_attention_encoder", "FifoMemory",
@@ -39,12 +42,15 @@ class Packing:
     """The valid positions of a left-aligned, 0-padded batch, in row-major order.
 
     Row-wise layers (projections, LayerNorm, FFN, dropout) run on the N = sum(lengths)
-    valid tokens only: a batch is padded to its longest session (Yoochoose batches of 512
-    pad to 90-135 while prefixes average ~5 clicks), so on the padded tensor ~95 % of that
-    work was padding. Only the ops that need the (batch, seq_len) layout see dense tensors.
+    valid tokens only: a batch is padded to its longest session (Yoochoose 1/64 batches of
+    512 pad to 84 clicks on average while prefixes average 5.1), so on the padded tensor
+    ~95 % of that work was padding. Only the ops that need the (batch, seq_len) layout see dense tensors.
+    Lengths must be in 1..width (checked on CPU tensors: a wrong one would shift every later
+    session's rows).
     """
 
     def __init__(self, lengths: torch.Tensor, width: int) -> None:
+        check_lengths(lengths, width, "Packing")  # a 0 or too long length would shift every later row
         self.batch, self.width = lengths.numel(), width
         valid = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
         self.index = valid.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions in B * L
@@ -191,13 +197,16 @@ def rnn_batch(model: SessionModel, items: np.ndarray, lengths: np.ndarray) -> Ba
     clicks on Yoochoose 1/64 and 176 on Retailrocket, against means of 5.1 and 9.1).
 
     click_ids (N,): the item of each packed click; click_session (N,): its batch row;
-    batch_sizes (L,) on the CPU (how many sessions have a click at step t);
+    batch_sizes (longest length,) on the CPU (how many sessions have a click at step t);
     sorted_indices / unsorted_indices (B,): the PackedSequence's order (longest first, ties
     by batch row) and its inverse.
     """
     dev = model.device
     items = np.ascontiguousarray(items)
     lengths = np.asarray(lengths, dtype=np.int64)
+    check_lengths(torch.from_numpy(lengths), items.shape[1], "rnn_batch")
+    if not lengths.size:
+        raise ValueError("rnn_batch: an empty batch (no sessions)")
     order = np.argsort(-lengths, kind="stable")
     width = int(lengths.max()) if lengths.size else 0
     valid = np.arange(width)[:, None] < lengths[order][None, :]  # (L, B) in packed order

@@ -55,6 +55,7 @@ from torch import nn
 
 from .. import ops
 from ..config import MTDConfig
+from ..ops.common import check_lengths
 from .base import Batch, SessionModel
 from .layers import segment_sum
 
@@ -127,8 +128,9 @@ class SRGNN(SessionModel):
         cost O(K + N) rows instead of B x (longest session) (a batch of 512 pads to 84
         clicks on average on Yoochoose 1/64 against a mean of 5.1). The padded graphs stay
         in the batch on the CPU for inspection (`nodes`, `alias`, `adj_in`, `adj_out`)."""
-        g = ops.session_graphs(items, lengths, backend=self.backend)
         lengths = np.asarray(lengths, dtype=np.int64)
+        check_lengths(torch.from_numpy(lengths), items.shape[1], "SR-GNN")  # a 0 would read another session's click
+        g = ops.session_graphs(items, lengths, backend=self.backend)
         n_nodes = np.asarray(g.n_nodes, dtype=np.int64)
         first = np.cumsum(n_nodes) - n_nodes  # (B,) packed index of each session's first node
         node_valid = np.arange(g.nodes.shape[1])[None, :] < n_nodes[:, None]
