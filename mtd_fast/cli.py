@@ -222,8 +222,16 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from .experiments import run_experiment
+    from .experiments import EXPERIMENTS, ExperimentError, run_experiment
     from .experiments.runner import cli_command
+
+    if args.status:
+        from .experiments.status import status_markdown
+
+        if args.name not in EXPERIMENTS:
+            raise ExperimentError(f"unknown experiment {args.name!r}: use one of {', '.join(EXPERIMENTS)}")
+        print(status_markdown(Path(args.out) / args.name))
+        return 0
 
     dataset = args.dataset if args.dataset is not None or args.data_dir is not None else "synthetic"
     options = {k: getattr(args, k) for k in ("hidden_sizes", "frequencies", "graph_weights", "gcn_layers", "checkpoint",
@@ -303,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--backend", default=None, help="auto | reference | ... (default $MTD_FAST_BACKEND or auto)")
     x.add_argument("--out", default="benches/figures", help="output folder (benches/figures)")
     x.add_argument("--quiet", action="store_true", help="no progress bars")
+    x.add_argument("--status", action="store_true",
+                   help="print where the study in OUT/NAME stands (finished, in progress, set aside) and exit: "
+                        "reads the folder only, safe beside a running invocation")
     g = x.add_argument_group("sensitivity")
     g.add_argument("--hidden-sizes", nargs="+", type=int, default=None, help="(25 50 100 150 200)")
     g.add_argument("--frequencies", nargs="+", type=int, default=None,

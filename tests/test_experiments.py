@@ -263,6 +263,41 @@ def test_table2_targets_and_capped_runs_are_computed_from_the_files():
     assert "epochs cap while still improving (not converged): MTD." in yoo and "MTD-lo" in yoo.split("not finished")[1]
 
 
+def test_status_reads_the_study_folder_without_training(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    runs = out / "table2"
+    run_all([spec("pop"), spec("stamp")], runs, quiet=True)
+    names = ("pop", "stamp", "narm", "sasrec", "csrm")
+    pop, stamp, narm, sasrec, csrm = (result_path(runs, spec(m)).stem for m in names)
+    (runs / f"{narm}.json").write_text('{"format": ')  # torn: redone next time
+    live = runs / ".partial" / sasrec
+    live.mkdir(parents=True)
+    (live / "run.json").write_text(json.dumps({"identity": {"epochs": 30}}))
+    lines = [{"epoch": e, "train_seconds": 10.0 + e, "valid": {"P@20": p, "MRR@20": m}}
+             for e, p, m in ((1, 40.0, 10.0), (2, 42.0, 11.0), (3, 42.0, 12.0), (4, 41.0, 13.0))]
+    (live / "epochs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"epoch": 5, "va')
+    (runs / ".partial" / f"{csrm}.stale").mkdir()
+
+    from mtd_fast.experiments.status import study_status
+
+    rows = {r["run"]: r for r in study_status(runs)}
+    assert rows[pop]["state"] == "finished" and rows[pop]["best epoch"] == "fitted"
+    rec = json.loads((runs / f"{stamp}.json").read_text())
+    assert rows[stamp]["best epoch"] == rec["best_epoch"] and rows[stamp]["epochs"] == f"{len(rec['history'])}/2"
+    assert rows[narm]["state"].startswith("invalid, will be redone")
+    sas = rows[sasrec]  # the torn 5th line skipped; epoch 3 wins the P@20 tie on MRR@20
+    assert (sas["state"], sas["epochs"], sas["best epoch"], sas["valid P@20"], sas["s/epoch"]) == \
+        ("in progress or interrupted", "4/30", 3, 42.0, 14.0)
+    assert rows[csrm]["state"] == "set aside (not resumed)"
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail("--status must not train"))
+    assert main(["experiment", "table2", "--status", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 finished, 1 invalid, will be redone, 1 in progress or interrupted, 1 set aside" in printed
+    assert f"| {sasrec} | in progress or interrupted | 4/30 | 3 | 42.00 | 12.00 | 14.00 |" in printed
+    assert main(["experiment", "table2", "--status", "--out", str(tmp_path / "none")]) == 0
+    assert "no result files and no runs in progress" in capsys.readouterr().out
+
+
 def test_runspec_validation_and_hashing():
     a = RunSpec("synthetic", model="MTD-lo", overrides={"lr": 0.01, "batch_size": 8})
     assert a.label == "mtd-lo" and a.overrides == (("batch_size", 8), ("lr", 0.01))

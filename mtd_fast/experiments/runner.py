@@ -41,7 +41,7 @@ from ..metrics import METRIC_KEYS
 from ..provenance import machine, source_commit
 from .report import ExperimentError, atomic_save, atomic_write_json
 
-__all__ = ["RunSpec", "result_path", "run_all", "load_results", "validate_record", "spec_mismatch",
+__all__ = ["RunSpec", "result_path", "run_all", "load_results", "read_result", "validate_record", "spec_mismatch",
            "load_spec_dataset", "dataset_part", "FORMAT", "FORMAT_VERSION"]
 
 log = logging.getLogger("mtd_fast")
@@ -260,7 +260,7 @@ def spec_mismatch(record: dict[str, Any], spec: RunSpec) -> Optional[str]:
     return None
 
 
-def _read(path: Path) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+def read_result(path: Path) -> tuple[Optional[dict[str, Any]], Optional[str]]:
     """(record, None) or (None, problem) for the file at `path`."""
     try:
         obj = json.loads(path.read_text())
@@ -279,7 +279,7 @@ def load_results(out_dir: os.PathLike | str, specs: Optional[Sequence[RunSpec]] 
     if specs is not None:
         out = []
         for spec in specs:
-            rec, _ = _read(result_path(out_dir, spec)) if result_path(out_dir, spec).is_file() else (None, None)
+            rec, _ = read_result(result_path(out_dir, spec)) if result_path(out_dir, spec).is_file() else (None, None)
             if rec is not None and spec_mismatch(rec, spec) is None:
                 out.append(rec)
         return out
@@ -287,7 +287,7 @@ def load_results(out_dir: os.PathLike | str, specs: Optional[Sequence[RunSpec]] 
         return []
     records = []
     for path in sorted(out_dir.glob("*.json")):
-        rec, _ = _read(path)
+        rec, _ = read_result(path)
         if rec is not None:
             records.append(rec)
     return records
@@ -384,7 +384,7 @@ def plan(specs: Sequence[RunSpec], out_dir: os.PathLike | str, checkpoints: bool
         if not path.is_file():
             out.append("missing")
             continue
-        rec, problem = _read(path)
+        rec, problem = read_result(path)
         if rec is not None:
             problem = spec_mismatch(rec, spec)
             if problem:
@@ -424,7 +424,7 @@ def run_all(specs: Sequence[RunSpec], out_dir: os.PathLike | str, *, quiet: bool
     records: dict[int, dict[str, Any]] = {}
     for i, why in enumerate(todo):
         if why is None:
-            records[i] = _read(paths[i])[0]
+            records[i] = read_result(paths[i])[0]
             # an interruption between writing the result and removing the partial run left it
             shutil.rmtree(partial_path(out_dir, specs[i]), ignore_errors=True)
     pending = [i for i, why in enumerate(todo) if why is not None]
