@@ -44,9 +44,9 @@ class Packing:
     Row-wise layers (projections, LayerNorm, FFN, dropout) run on the N = sum(lengths)
     valid tokens only: a batch is padded to its longest session (Yoochoose 1/64 batches of
     512 pad to 84 clicks on average while prefixes average 5.1), so on the padded tensor
-    ~95 % of that work was padding. Only the ops that need the (batch, seq_len) layout see dense tensors.
-    Lengths must be in 1..width (checked on CPU tensors: a wrong one would shift every later
-    session's rows).
+    ~95 % of that work was padding. Only the ops that need the (batch, seq_len) layout see
+    dense tensors. Lengths must be in 1..width (checked on CPU tensors: a wrong one would
+    shift every later session's rows).
     """
 
     def __init__(self, lengths: torch.Tensor, width: int) -> None:
@@ -208,7 +208,7 @@ def rnn_batch(model: SessionModel, items: np.ndarray, lengths: np.ndarray) -> Ba
     if not lengths.size:
         raise ValueError("rnn_batch: an empty batch (no sessions)")
     order = np.argsort(-lengths, kind="stable")
-    width = int(lengths.max()) if lengths.size else 0
+    width = int(lengths.max())
     valid = np.arange(width)[:, None] < lengths[order][None, :]  # (L, B) in packed order
     ids = items[order, :width].T[valid]
     session = np.broadcast_to(order, valid.shape)[valid]
