@@ -136,19 +136,26 @@ class SRGNN(SessionModel):
         node_valid = np.arange(g.nodes.shape[1])[None, :] < n_nodes[:, None]
         click_valid = np.arange(items.shape[1])[None, :] < lengths[:, None]
         session, step = np.nonzero(click_valid)  # row-major: session by session
+        node = first[session] + g.alias[session, step]  # (N,) packed node of each click
         dev = self.device
         batch = {"items": torch.from_numpy(np.ascontiguousarray(items)).to(dev),
                  "lengths": torch.from_numpy(lengths).to(dev),
                  "node_ids": torch.from_numpy(g.nodes[node_valid]).to(dev),  # (K,)
-                 "click_node": torch.from_numpy(first[session] + g.alias[session, step]).to(dev),  # (N,)
+                 "click_node": torch.from_numpy(node).to(dev),  # (N,)
                  "click_session": torch.from_numpy(session).to(dev),  # (N,)
                  "nodes": torch.from_numpy(g.nodes), "alias": torch.from_numpy(g.alias),
                  "adj_in": torch.from_numpy(g.adj_in), "adj_out": torch.from_numpy(g.adj_out)}
-        for name, adj in (("in", g.adj_in), ("out", g.adj_out)):
-            b, i, j = np.nonzero(adj)  # edges, sorted by their packed row
-            batch[f"edge_{name}_rows"] = torch.from_numpy(first[b] + i).to(dev)
-            batch[f"edge_{name}_cols"] = torch.from_numpy(first[b] + j).to(dev)
-            batch[f"edge_{name}_weights"] = torch.from_numpy(adj[b, i, j]).to(dev)
+        # A from the clicks (not by scanning the B x n x n arrays): an edge u -> v for each
+        # consecutive pair, self-transitions included, each distinct edge once
+        follows = step[1:] > 0  # consecutive clicks of one session
+        k = int(n_nodes.sum())
+        key = np.unique(node[:-1][follows] * k + node[1:][follows])
+        u, v = key // k, key % k
+        outdeg, indeg = np.bincount(u, minlength=k), np.bincount(v, minlength=k)
+        for name, rows, cols, deg in (("in", v, u, indeg), ("out", u, v, outdeg)):
+            batch[f"edge_{name}_rows"] = torch.from_numpy(rows).to(dev)  # A_in[v, u] = 1 / indeg(v)
+            batch[f"edge_{name}_cols"] = torch.from_numpy(cols).to(dev)  # A_out[u, v] = 1 / outdeg(u)
+            batch[f"edge_{name}_weights"] = torch.from_numpy((1.0 / deg[rows]).astype(np.float32)).to(dev)
         return batch
 
     # ---- encoder ----------------------------------------------------------------------------
