@@ -53,20 +53,32 @@ def _curve(recs: Sequence[dict[str, Any]]) -> tuple[list[int], list[float]]:
 
 def curves_figure(records: Sequence[dict[str, Any]], order: Sequence[str] = ORDER):
     """One panel per dataset, one line per model: validation P@20 per epoch (mean over
-    seeds). Models fitted in one pass (no epochs) are dotted horizontal lines."""
+    seeds). The y axis spans the trained models' curves, so converged models can be told
+    apart; models fitted in one pass (no epochs) are dotted horizontal lines when inside
+    that range, and their value is in the legend either way."""
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     groups = group_records(records, order)
     fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(6 * max(len(groups), 1), 4.2), squeeze=False)
     for ax, (key, labels) in zip(axes[0], groups):
         last = max((h["epoch"] for _, recs in labels for r in recs for h in r["history"]), default=1)
-        for label, recs in labels:
-            xs, ys = _curve(recs)
+        curves = [(label, *_curve(recs), recs[0]["history"][0].get("train_loss") is None) for label, recs in labels]
+        trained = [y for _, xs, ys, fitted in curves if not fitted for y in ys]
+        lo, hi = (min(trained), max(trained)) if trained else (None, None)
+        for label, xs, ys, fitted in curves:
             if not xs:
                 continue
-            if recs[0]["history"][0].get("train_loss") is None:  # fitted, not trained by epochs
-                ax.plot([1, max(last, 2)], [ys[0], ys[0]], linestyle=":", label=display_name(label))
+            if fitted:  # fitted, not trained by epochs
+                inside = lo is None or lo - 1 <= ys[0] <= hi + 1
+                ax.plot([1, max(last, 2)], [ys[0], ys[0]], linestyle=":", alpha=1.0 if inside else 0.0,
+                        label=f"{display_name(label)} (fitted) {ys[0]:.2f}")
             else:
                 ax.plot(xs, ys, marker="o", markersize=3, label=display_name(label))
+        if trained:
+            margin = max(0.5, 0.05 * (hi - lo))
+            ax.set_ylim(lo - margin, hi + margin)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(dataset_title(key))
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation P@20")
