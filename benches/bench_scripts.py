@@ -39,3 +39,16 @@ def test_time_to_accuracy_smoke(tmp_path):
     assert data["model_config"]["hidden_size"] == 8 and data["train_config"]["max_steps_per_epoch"] == 3
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def test_step_time_smoke(tmp_path):
+    """benches/step_time.py (per-step seconds, run by hand to compare two checkouts) at toy size."""
+    script = Path(__file__).resolve().parent / "step_time.py"
+    out = tmp_path / "steps.json"
+    res = subprocess.run([sys.executable, str(script), "--models", "srgnn", "narm", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         env=dict(os.environ, MTD_BENCH_SMOKE="1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["srgnn", "narm"]
+    assert all(r["step_s"] > 0 and r["batch_cpu_s"] > 0 for r in rows)

@@ -1,0 +1,108 @@
+"""Seconds per training step of one or more models on one dataset (the trainer's own step:
+`mtd_fast.train.train_step`, batch building included), and the CPU time of building a batch
+alone. For comparing two versions of the code under the same load: run it from each
+checkout one after the other (`PYTHONPATH=<checkout> python benches/step_time.py ...`).
+
+    python benches/step_time.py --models srgnn sasrec --dataset yoochoose1_64_mtd [--threads 1]
+        [--skip 5] [--steps 20] [--batches 10] [--json out.json]
+
+Steps: the wall-clock mean of steps skip+1 .. skip+steps of a training epoch (first the
+untimed ones: allocation, Numba compilation). Batches: the median thread CPU time of
+`model.batch_from_sessions` over --batches random batches of 512 training prefixes.
+MTD_BENCH_SMOKE=1: synthetic data, 3 steps (a smoke run, not a measurement).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import mtd_fast
+from mtd_fast.config import MTDConfig, TrainConfig
+from mtd_fast.train import build_model
+
+from harness import SMOKE, data_dir
+
+train_module = importlib.import_module("mtd_fast.train")
+
+
+class _Stop(Exception):
+    pass
+
+
+def step_seconds(ds, model: str, skip: int, steps: int, threads: int) -> float:
+    """Mean wall seconds of steps skip+1 .. skip+steps of one training epoch."""
+    seen, marks = [0], []
+    original = train_module.train_step
+
+    def timed(*args, **kwargs):
+        if seen[0] == skip:
+            marks.append(time.perf_counter())
+        out = original(*args, **kwargs)
+        seen[0] += 1
+        if seen[0] == skip + steps:
+            marks.append(time.perf_counter())
+            raise _Stop
+        return out
+
+    train_module.train_step = timed
+    try:
+        mtd_fast.train(ds, model=model, epochs=1, num_threads=threads, quiet=True, eval_test_each_epoch=False)
+    except _Stop:
+        pass
+    finally:
+        train_module.train_step = original
+    if len(marks) != 2:
+        raise SystemExit(f"{model}: the epoch had fewer than {skip + steps} steps; lower --skip / --steps")
+    return (marks[1] - marks[0]) / steps
+
+
+def batch_seconds(ds, model: str, batches: int, batch_size: int = 512) -> float:
+    """Median thread CPU seconds of building one batch of training prefixes."""
+    net = build_model(model, ds.n_items, MTDConfig(), TrainConfig())
+    rng = np.random.default_rng(0)
+    times = []
+    for _ in range(batches):
+        idx = rng.choice(len(ds.train), min(batch_size, len(ds.train)), replace=False)
+        t0 = time.thread_time()
+        net.batch_from_sessions(ds.train.prefixes, idx)
+        times.append(time.thread_time() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", required=True)
+    p.add_argument("--dataset", default="yoochoose1_64_mtd")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--skip", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batches", type=int, default=10)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if SMOKE:
+        ds = mtd_fast.load_dataset("synthetic", n_sessions=600, n_items=80)
+        args.skip, args.steps, args.batches = 1, 3, 2
+    else:
+        ds = mtd_fast.load_dataset(args.dataset, root=data_dir(args.dataset))
+    rows = []
+    for model in args.models:
+        row = {"model": model, "step_s": step_seconds(ds, model, args.skip, args.steps, args.threads),
+               "batch_cpu_s": batch_seconds(ds, model, args.batches)}
+        rows.append(row)
+        print(f"{model}: {row['step_s']:.4f} s/step (mean of steps {args.skip + 1}-{args.skip + args.steps}), "
+              f"batch building {row['batch_cpu_s'] * 1e3:.1f} ms CPU (median of {args.batches})", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"dataset": ds.name, "threads": args.threads, "mtd_fast": mtd_fast.__file__, "rows": rows},
+                      fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
