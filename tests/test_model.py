@@ -78,6 +78,30 @@ def test_l2_penalty_value_and_gradient():
     assert torch.equal(got[0], a.grad) and torch.equal(got[1], b.grad)
 
 
+def test_attention_dropout_mask_is_random_only_where_weights_live():
+    """Random keep values (0 or 1/(1-p)) cover each session's own length block (its length
+    bucket of the attention op, >= the length); the rest of the padded square is 1 (the
+    weights there are 0); the drop rate is p."""
+    from mtd_fast.models.layers import attention_dropout_mask
+    from mtd_fast.ops.session_attention import length_buckets
+
+    torch.manual_seed(0)
+    lengths = torch.tensor([1, 3, 9, 40, 17, 64, 2, 33] * 8)
+    p = 0.3
+    mask = attention_dropout_mask(lengths, 2, 64, p, torch.zeros(1))
+    assert mask.shape == (64, 2, 64, 64)
+    kept = 1 / (1 - p)
+    drawn = torch.zeros_like(mask, dtype=torch.bool)
+    for idx, w in length_buckets(lengths, 64):
+        drawn[idx, :, :w, :w] = True
+    for b, n in enumerate(lengths.tolist()):
+        assert drawn[b, :, :n, :n].all()  # every weight a session can have is covered
+    inside, outside = mask[drawn], mask[~drawn]
+    assert torch.all((inside == 0) | torch.isclose(inside, torch.tensor(kept)))
+    assert torch.all(outside == 1) and outside.numel() > 0
+    assert abs(float((inside == 0).float().mean()) - p) < 0.01  # ~290k draws
+
+
 def test_long_sessions_clip_positions():
     # max_position=4: positions 5..10 of a 10-click session must use row 4. A model with 10
     # position rows whose rows 5..10 are copies of row 4 must then give the same scores.

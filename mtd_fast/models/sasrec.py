@@ -59,7 +59,7 @@ from .. import ops
 from ..config import MTDConfig
 from ..ops.common import position_index
 from .base import Batch, SessionModel
-from .layers import LN_EPS, Packing, dropout_mask, segment_softmax, segment_sum
+from .layers import LN_EPS, Packing, attention_dropout_mask, dropout_mask, segment_softmax, segment_sum
 
 __all__ = ["SASRec", "PreLNBlock"]
 
@@ -91,10 +91,10 @@ class PreLNBlock(nn.Module):
             att = self._last_query_attention(y, packing)  # (B, d)
             x = x[packing.last]
         else:
-            b, L = packing.batch, packing.width
+            L = packing.width
             mask = None
             if self.training and self.p > 0:
-                mask = dropout_mask((b, self.num_heads, L, L), self.p, x)
+                mask = attention_dropout_mask(lengths, self.num_heads, L, self.p, x)
             q, k, v = (packing.unpack(w(y)) for w in (self.wq, self.wk, self.wv))  # (B, L, d) each
             att = packing.pack(ops.session_attention(q, k, v, lengths, num_heads=self.num_heads, dropout_mask=mask,
                                                      backend=self.backend))  # causal, (N, d)
