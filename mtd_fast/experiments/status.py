@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+from ..metrics import better
 from .merge import valid_at_best
 from .report import markdown_table
 from .runner import PARTIAL_DIR, read_result
@@ -46,8 +47,12 @@ def _read_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def _best(history: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
-    return max(history, key=lambda h: (h["valid"].get("P@20", float("-inf")), h["valid"].get("MRR@20", float("-inf"))),
-               default=None)
+    """The epoch the trainer would keep so far (`metrics.better`: the first of equals)."""
+    best = None
+    for h in history:
+        if better(h["valid"], best["valid"] if best else None):
+            best = h
+    return best
 
 
 def _partial_row(run_dir: Path) -> dict[str, Any]:

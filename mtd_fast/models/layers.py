@@ -6,8 +6,8 @@
 - `Packing`: a padded batch's valid tokens in row-major order (MTD, SASRec, STAMP, CoSAN);
 - `FifoMemory`: the ring memory of recent sessions of CSRM, reused by CoSAN;
 - `rnn_batch`, `run_gru`: the packed-click GRU plumbing of GRU4Rec, NARM and CSRM;
-- `segment_softmax`, `segment_sum`: softmax and sums over each session's packed rows
-  (NARM, CSRM, SASRec, STAMP, CoSAN, SR-GNN).
+- `segment_softmax`, `segment_sum` (from `ops.common`, re-exported): softmax and sums over
+  each session's packed rows (NARM, CSRM, SASRec, STAMP, CoSAN, SR-GNN).
 
 The hot ops go through `mtd_fast.ops`, as in the models.
 """
@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import ops
-from ..ops.common import check_lengths
+from ..ops.common import check_lengths, segment_softmax, segment_sum
 from .base import Batch, SessionModel
 
 __all__ = ["LN_EPS", "dropout_mask", "attention_dropout_mask", "Packing", "SelfAttentionBlock",
@@ -250,18 +250,3 @@ def run_gru(gru: nn.GRU, x: torch.Tensor, batch: Batch, outputs: bool = False):
     out, h_n = gru(packed)
     last = h_n[-1]  # (B, d), back in the batch's order
     return (last, out.data) if outputs else last
-
-
-def segment_softmax(e: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
-    """Softmax of the scores e (N, ...) over the rows of each segment (segment (N,) in
-    [0, n)), separately for every trailing index: the masked softmax over a padded row,
-    without the padding."""
-    index = segment.view(-1, *([1] * (e.dim() - 1))).expand_as(e)
-    top = e.new_full((n, *e.shape[1:]), float("-inf")).scatter_reduce(0, index, e.detach(), "amax")
-    ex = torch.exp(e - top[segment])
-    return ex / ex.new_zeros(n, *e.shape[1:]).index_add(0, segment, ex)[segment]
-
-
-def segment_sum(x: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
-    """(N, d) rows summed per segment -> (n, d) (0 for an empty segment)."""
-    return x.new_zeros(n, x.shape[-1]).index_add(0, segment, x)

@@ -39,7 +39,7 @@ from torch import nn
 
 from .. import ops
 from ..config import MTDConfig
-from ..ops.common import position_index
+from ..ops.common import position_index, segment_softmax, segment_sum
 from .base import Batch, SessionModel
 from .layers import LN_EPS, Packing, SelfAttentionBlock, init_attention_encoder
 
@@ -83,13 +83,8 @@ class GATLayer(nn.Module):
         cols = indices.long()
         wh = self.weight(h)  # (N, d)
         e = F.leaky_relu((wh @ self.att_l)[rows] + (wh @ self.att_r)[cols], 0.2)  # (nnz,)
-        e_max = torch.full((n,), float("-inf"), device=h.device, dtype=e.dtype)
-        e_max = e_max.scatter_reduce(0, rows, e, reduce="amax").detach()
-        w = torch.exp(e - e_max[rows])
-        denom = torch.zeros(n, device=h.device, dtype=e.dtype).index_add_(0, rows, w)
-        alpha = w / denom[rows]
-        out = torch.zeros_like(wh).index_add_(0, rows, alpha[:, None] * wh[cols])
-        return torch.tanh(self.ln(out))
+        alpha = segment_softmax(e, rows, n)  # over each node's neighbours
+        return torch.tanh(self.ln(segment_sum(alpha[:, None] * wh[cols], rows, n)))
 
 
 class MTD(SessionModel):

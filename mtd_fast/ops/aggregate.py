@@ -20,7 +20,7 @@ from typing import Union
 
 import torch
 
-from .common import check_lengths, position_index, triton_devices, triton_usable
+from .common import check_lengths, position_index, segment_softmax, segment_sum, triton_devices, triton_usable
 from .dispatch import register, resolve
 
 __all__ = ["aggregate", "aggregate_ref", "aggregate_packed", "SMALL_AGGREGATE"]
@@ -100,20 +100,10 @@ def aggregate_packed(h: torch.Tensor, hp: torch.Tensor, a: torch.Tensor, g: torc
     act = torch.sigmoid(av + hpv) if mode == "additive" else torch.sigmoid(av * hpv)
     e = act @ g  # (N,)
 
-    def segment_softmax(logits):
-        # the shift is a constant for the gradient (softmax is shift-invariant)
-        mx = torch.full((b,), float("-inf"), dtype=logits.dtype, device=logits.device)
-        mx = mx.scatter_reduce(0, bidx, logits.detach(), "amax", include_self=True)
-        w = torch.exp(logits - mx.index_select(0, bidx))
-        den = torch.zeros(b, dtype=w.dtype, device=w.device).index_add(0, bidx, w)
-        return w / den.index_select(0, bidx)
-
-    alpha = segment_softmax(e)
+    alpha = segment_softmax(e, bidx, b)
     pos = (lengths.index_select(0, bidx) - pidx).to(h.dtype)  # reversed position, 1 = most recent
-    beta = segment_softmax(-gamma * pos)
-    x_s = torch.zeros(b, d, dtype=h.dtype, device=h.device).index_add(0, bidx, alpha[:, None] * hv)
-    p_s = torch.zeros(b, d, dtype=h.dtype, device=h.device).index_add(0, bidx, beta[:, None] * hv)
-    return x_s, p_s
+    beta = segment_softmax(-gamma * pos, bidx, b)
+    return segment_sum(alpha[:, None] * hv, bidx, b), segment_sum(beta[:, None] * hv, bidx, b)
 
 
 # ---- backends: rank orders auto's preference (lower first); reference is the fallback -------

@@ -41,3 +41,19 @@ def position_index(lengths: torch.Tensor, width: int) -> torch.Tensor:
     ar = torch.arange(width, device=lengths.device)
     pos = lengths[:, None] - ar[None, :]
     return pos.clamp_min(0)
+
+
+def segment_softmax(e: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
+    """Softmax of the scores e (N, ...) over the rows of each segment (segment (N,) int64 in
+    [0, n)), separately for every trailing index: a masked softmax over padded rows, without
+    the padding. The shift by each segment's max is a constant for the gradient (softmax is
+    shift-invariant); gathers are `index_select` (backward: one serial `index_add`)."""
+    index = segment.view(-1, *([1] * (e.dim() - 1))).expand_as(e)
+    top = e.new_full((n, *e.shape[1:]), float("-inf")).scatter_reduce(0, index, e.detach(), "amax")
+    ex = torch.exp(e - top.index_select(0, segment))
+    return ex / segment_sum(ex, segment, n).index_select(0, segment)
+
+
+def segment_sum(x: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows of x (N, ...) summed per segment -> (n, ...) (0 for an empty segment)."""
+    return x.new_zeros(n, *x.shape[1:]).index_add(0, segment, x)
