@@ -52,3 +52,20 @@ def test_step_time_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["model"] for r in rows] == ["srgnn", "narm"]
     assert all(r["step_s"] > 0 and r["batch_cpu_s"] > 0 for r in rows)
+
+
+def test_graph_branch_smoke(tmp_path):
+    """benches/graph_branch.py (the graph branch's share of MTD's table, from a run's
+    checkpoint; run by hand) on a one-epoch synthetic run."""
+    import mtd_fast
+
+    run_dir = tmp_path / "run"
+    mtd_fast.train(mtd_fast.load_dataset("synthetic"), model="mtd", epochs=1, hidden_size=8, max_steps_per_epoch=3,
+                   quiet=True, run_dir=run_dir)
+    script = Path(__file__).resolve().parent / "graph_branch.py"
+    res = subprocess.run([sys.executable, str(script), "--checkpoint", str(run_dir / "checkpoint_last.pt"),
+                          "--dataset", "synthetic", "--batches", "2"], capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path, env=dict(os.environ, MTD_BENCH_SMOKE="1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    assert out["E_row_norm_median"] > 0 and out["GCN_row_norm_median"] > 0 and -1 <= out["cos_T_GCN_median"] <= 1

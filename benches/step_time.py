@@ -6,6 +6,8 @@ checkout one after the other (`PYTHONPATH=<checkout> python benches/step_time.py
     python benches/step_time.py --models srgnn sasrec --dataset yoochoose1_64_mtd [--threads 1]
         [--skip 5] [--steps 20] [--batches 10] [--json out.json]
 
+It first prints how much padding a batch carries: the mean prefix length of the training
+samples and the mean padded width (longest prefix) of 200 random batches of 512.
 Steps: the wall-clock mean of steps skip+1 .. skip+steps of a training epoch (first the
 untimed ones: allocation, Numba compilation). Batches: the median thread CPU time of
 `model.batch_from_sessions` over --batches random batches of 512 training prefixes.
@@ -75,6 +77,15 @@ def batch_seconds(ds, model: str, batches: int, batch_size: int = 512) -> float:
     return statistics.median(times)
 
 
+def padding(ds, draws: int = 200, batch_size: int = 512) -> dict:
+    """Mean prefix length of the training samples, mean padded width of random batches."""
+    lengths = np.diff(np.asarray(ds.train.prefixes.offsets))
+    rng = np.random.default_rng(0)
+    size = min(batch_size, len(lengths))
+    widths = [int(lengths[rng.choice(len(lengths), size, replace=False)].max()) for _ in range(draws)]
+    return {"mean_prefix": float(lengths.mean()), "mean_batch_width": float(np.mean(widths))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", required=True)
@@ -91,6 +102,9 @@ def main() -> None:
         args.skip, args.steps, args.batches = 1, 3, 2
     else:
         ds = mtd_fast.load_dataset(args.dataset, root=data_dir(args.dataset))
+    pad = padding(ds)
+    print(f"{ds.name}: mean prefix {pad['mean_prefix']:.1f} clicks, batches of 512 padded to "
+          f"{pad['mean_batch_width']:.1f} on average", flush=True)
     rows = []
     for model in args.models:
         row = {"model": model, "step_s": step_seconds(ds, model, args.skip, args.steps, args.threads),
@@ -100,8 +114,8 @@ def main() -> None:
               f"batch building {row['batch_cpu_s'] * 1e3:.1f} ms CPU (median of {args.batches})", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"dataset": ds.name, "threads": args.threads, "mtd_fast": mtd_fast.__file__, "rows": rows},
-                      fh, indent=2)
+            json.dump({"dataset": ds.name, "threads": args.threads, "padding": pad, "mtd_fast": mtd_fast.__file__,
+                       "rows": rows}, fh, indent=2)
 
 
 if __name__ == "__main__":
