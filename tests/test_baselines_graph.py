@@ -162,17 +162,25 @@ def test_srgnn_uses_reference_session_graphs():
     model = SRGNN(10, MTDConfig(hidden_size=8))
     items, lengths = pad_batch(Sessions.from_lists(HANDMADE), np.arange(len(HANDMADE)))
     batch = model.prepare_batch(items, lengths)
-    ref = session_graphs_ref(items, lengths)
-    for field in ("nodes", "alias", "adj_in", "adj_out"):
-        np.testing.assert_array_equal(batch[field].numpy(), getattr(ref, field), err_msg=field)
-    # and the reference is the SR-GNN graph: session [1, 2, 1, 3], nodes (1, 2, 3),
+    ref = session_graphs_ref(items, lengths, packed=True)
+    for key, field in (("node_ids", "node_ids"), ("click_node", "click_node"), ("click_session", "click_session"),
+                       ("edge_out_rows", "edge_src"), ("edge_out_cols", "edge_dst"),
+                       ("edge_in_rows", "edge_dst"), ("edge_in_cols", "edge_src")):
+        np.testing.assert_array_equal(batch[key].numpy(), getattr(ref, field), err_msg=key)
+    # and the reference is the SR-GNN graph: session [1, 2, 1, 3], nodes (1, 2, 3) (packed 0-2),
     # edges 1->2, 2->1, 1->3; out-rows normalised by out-degree, in-rows by in-degree
-    np.testing.assert_array_equal(batch["nodes"][0, :3].numpy(), [1, 2, 3])
-    np.testing.assert_array_equal(batch["alias"][0].numpy(), [0, 1, 0, 2, 0])
-    np.testing.assert_allclose(batch["adj_out"][0, :3, :3].numpy(), [[0, .5, .5], [1, 0, 0], [0, 0, 0]])
-    np.testing.assert_allclose(batch["adj_in"][0, :3, :3].numpy(), [[0, 1, 0], [1, 0, 0], [1, 0, 0]])
-    # self-transition 4 -> 4 is an edge (SR-GNN keeps it)
-    np.testing.assert_allclose(batch["adj_out"][1, :2, :2].numpy(), [[.5, .5], [0, 0]])
+    assert batch["node_ids"][:3].tolist() == [1, 2, 3]
+    assert batch["click_node"][:4].tolist() == [0, 1, 0, 2]
+    out = {(int(r), int(c)): float(w) for r, c, w in zip(batch["edge_out_rows"], batch["edge_out_cols"],
+                                                         batch["edge_out_weights"]) if r < 3}
+    assert out == {(0, 1): .5, (0, 2): .5, (1, 0): 1.0}
+    inn = {(int(r), int(c)): float(w) for r, c, w in zip(batch["edge_in_rows"], batch["edge_in_cols"],
+                                                         batch["edge_in_weights"]) if r < 3}
+    assert inn == {(1, 0): 1.0, (0, 1): 1.0, (2, 0): 1.0}
+    # self-transition 4 -> 4 is an edge (SR-GNN keeps it): session [4, 4, 5], nodes 4, 5 at 3, 4
+    out = {(int(r), int(c)): float(w) for r, c, w in zip(batch["edge_out_rows"], batch["edge_out_cols"],
+                                                         batch["edge_out_weights"]) if 3 <= r < 5}
+    assert out == {(3, 3): .5, (3, 4): .5}
 
 
 def test_srgnn_packed_edges_are_the_dense_session_graphs():

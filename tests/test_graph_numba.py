@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from mtd_fast.data import Sessions, load_dataset, pad_batch
-from mtd_fast.graph import GlobalGraph, SessionGraphs, global_graph_ref, session_graphs_ref
+from mtd_fast.graph import GlobalGraph, PackedSessionGraphs, SessionGraphs, global_graph_ref, session_graphs_ref
 
 from testing import shared_path
 
@@ -30,6 +30,10 @@ COMBOS = [(False, False), (False, True), (True, False), (True, True)]  # (direct
 
 
 # --------------------------------------------------------------------------- helpers
+# the kernels called from Python: global graph (scan + build), padded and packed session graphs
+N_KERNELS = 4
+
+
 def assert_same_array(a: np.ndarray, b: np.ndarray, name: str) -> None:
     assert isinstance(b, np.ndarray), f"{name}: {type(b)}"
     assert a.dtype == b.dtype, f"{name}: dtype {b.dtype} != reference {a.dtype}"
@@ -49,10 +53,20 @@ def assert_same_graph(ref: GlobalGraph, got: GlobalGraph) -> None:
     assert (got.n_items, got.directed, got.weighted) == (ref.n_items, ref.directed, ref.weighted)
 
 
-def assert_same_session_graphs(ref: SessionGraphs, got: SessionGraphs) -> None:
-    assert isinstance(got, SessionGraphs)
-    for name in ("nodes", "alias", "adj_in", "adj_out", "n_nodes"):
+def assert_same_session_graphs(ref, got) -> None:
+    assert type(got) is type(ref) and type(ref) in (SessionGraphs, PackedSessionGraphs)
+    for name in ref.__dataclass_fields__:
         assert_same_array(getattr(ref, name), getattr(got, name), name)
+
+
+def assert_numba_matches_reference(items, lengths) -> SessionGraphs:
+    """The Numba builder equals the reference bit for bit, padded and packed; the padded Numba graphs."""
+    for packed in (False, True):
+        got = gn.session_graphs_numba(items, lengths, packed=packed)
+        assert_same_session_graphs(session_graphs_ref(items, lengths, packed=packed), got)
+        if not packed:
+            dense = got
+    return dense
 
 
 def random_sessions(rng: np.random.Generator, n_sessions: int, n_items: int, *, max_len: int = 12,
@@ -209,9 +223,7 @@ def test_global_graph_diginetica_matches_reference(diginetica, directed, weighte
 def test_session_graphs_random_matches_reference(b, L, n_items, seed):
     # L = 50 and 97 take the np.sort path (rows longer than the insertion-sort cutoff)
     items, lengths = random_batch(np.random.default_rng(seed), b, L, n_items)
-    ref = session_graphs_ref(items, lengths)
-    got = gn.session_graphs_numba(items, lengths)
-    assert_same_session_graphs(ref, got)
+    got = assert_numba_matches_reference(items, lengths)
     if L > 1:
         assert (got.adj_out > 0).any() and (got.adj_out < 1).any()  # normalization is exercised
 
@@ -229,34 +241,42 @@ def test_session_graphs_hand_checked():
     # in-neighbours: of 2 are {2, 5}; of 5 is {2}; of 7 is {2}
     np.testing.assert_array_equal(got.adj_in[0], np.array([[0.5, 0.5, 0], [1, 0, 0], [1, 0, 0]], np.float32))
     assert not got.adj_in[1].any() and not got.adj_out[1].any()
-    assert_same_session_graphs(session_graphs_ref(items, lengths), got)
+    assert_numba_matches_reference(items, lengths)
+    p = gn.session_graphs_numba(items, lengths, packed=True)  # the same graphs without padding
+    assert p.node_ids.tolist() == [2, 5, 7, 4] and p.node_ptr.tolist() == [0, 3, 4]
+    assert p.click_node.tolist() == [0, 1, 0, 0, 2, 3] and p.click_session.tolist() == [0, 0, 0, 0, 0, 1]
+    assert list(zip(p.edge_src.tolist(), p.edge_dst.tolist())) == [(0, 0), (0, 1), (0, 2), (1, 0)]
+    assert p.out_degree.tolist() == [3, 1, 0, 0] and p.in_degree.tolist() == [2, 1, 1, 0]
 
 
 def test_session_graphs_padding_is_ignored_and_dtypes_normalized():
     items = np.array([[3, 1, 99, 99], [5, 5, 99, 99]], dtype=np.int32)  # garbage past the lengths
     lengths = np.array([2, 2], dtype=np.int32)
-    ref = session_graphs_ref(items, lengths)
-    assert_same_session_graphs(ref, gn.session_graphs_numba(items, lengths))
-    assert 99 not in gn.session_graphs_numba(items, lengths).nodes
+    assert 99 not in assert_numba_matches_reference(items, lengths).nodes
+    assert 99 not in gn.session_graphs_numba(items, lengths, packed=True).node_ids
 
 
 @pytest.mark.parametrize("shape", [(0, 0), (0, 5), (3, 4)])
 def test_session_graphs_degenerate_batches(shape):
     items = np.zeros(shape, dtype=np.int64)
     lengths = np.zeros(shape[0], dtype=np.int64)  # all rows fully padded
-    assert_same_session_graphs(session_graphs_ref(items, lengths), gn.session_graphs_numba(items, lengths))
+    assert_numba_matches_reference(items, lengths)
 
 
-def test_session_graphs_reject_bad_lengths():
+@pytest.mark.parametrize("build", [gn.session_graphs_numba, session_graphs_ref], ids=["numba", "reference"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_session_graphs_reject_bad_lengths(build, packed):
     items = np.ones((2, 3), dtype=np.int64)
     with pytest.raises(ValueError, match="lengths"):
-        gn.session_graphs_numba(items, np.array([1, 4]))
+        build(items, np.array([1, 4]), packed=packed)
     with pytest.raises(ValueError, match="lengths"):
-        gn.session_graphs_numba(items, np.array([1, -1]))
+        build(items, np.array([1, -1]), packed=packed)
     with pytest.raises(ValueError, match="lengths"):
-        gn.session_graphs_numba(items, np.array([1, 2, 3]))
+        build(items, np.array([1, 2, 3]), packed=packed)
     with pytest.raises(ValueError, match="items"):
-        gn.session_graphs_numba(np.ones(3, dtype=np.int64), np.array([1, 2, 3]))
+        build(np.ones(3, dtype=np.int64), np.array([1, 2, 3]), packed=packed)
+    with pytest.raises(TypeError, match="integer"):
+        build(items.astype(np.float32), np.array([1, 2]), packed=packed)
 
 
 def test_session_graphs_diginetica_batches(diginetica):
@@ -265,18 +285,20 @@ def test_session_graphs_diginetica_batches(diginetica):
     for _ in range(3):
         idx = rng.choice(len(prefixes), 512, replace=False)
         items, lengths = pad_batch(prefixes, idx)
-        assert_same_session_graphs(session_graphs_ref(items, lengths), gn.session_graphs_numba(items, lengths))
+        assert_numba_matches_reference(items, lengths)
     longest = np.argsort(prefixes.lengths)[-64:]  # the longest prefixes (up to 69 clicks)
     items, lengths = pad_batch(prefixes, longest)
     assert lengths.max() > 40
-    assert_same_session_graphs(session_graphs_ref(items, lengths), gn.session_graphs_numba(items, lengths))
+    assert_numba_matches_reference(items, lengths)
 
 
 def test_session_graphs_through_ops_dispatch():
     from mtd_fast import ops
 
     items, lengths = random_batch(np.random.default_rng(5), 16, 6, 10)
-    assert_same_session_graphs(session_graphs_ref(items, lengths), ops.session_graphs(items, lengths, backend="numba"))
+    for packed in (False, True):
+        assert_same_session_graphs(session_graphs_ref(items, lengths, packed=packed),
+                                   ops.session_graphs(items, lengths, packed=packed, backend="numba"))
 
 
 # --------------------------------------------------------------------------- compile cost
@@ -285,7 +307,7 @@ def test_warmup_reports_compile_cost(caplog):
     gn.warmup()
     report = gn.compile_report()
     assert report is not None and report["seconds"] > 0
-    assert report["cache_hits"] + report["cache_misses"] == 3  # one signature per kernel
+    assert report["cache_hits"] + report["cache_misses"] == len(gn._KERNELS) == N_KERNELS  # one signature each
     assert gn.warmup() < 0.5 * report["seconds"] + 0.01  # already warm: no second compile
 
 
@@ -373,9 +395,9 @@ def test_read_only_install_falls_back_to_a_writable_cache(tmp_path):
     assert list(want.rglob("*.nbi")), "nothing was written to the fallback cache"
     assert stat.S_IMODE(want.stat().st_mode) == 0o700
     # first process compiled and said so; the second loaded from the fallback cache
-    assert first["report"]["cache_misses"] == 3 and first["seconds"] > 0
+    assert first["report"]["cache_misses"] == N_KERNELS and first["seconds"] > 0
     assert any("compiled" in m and "kernels" in m for m in first["log"])
-    assert second["report"]["cache_hits"] == 3 and second["report"]["cache_misses"] == 0
+    assert second["report"]["cache_hits"] == N_KERNELS and second["report"]["cache_misses"] == 0
     assert any("loaded from cache" in m for m in second["log"])
     assert second["again"] < second["seconds"]
 
@@ -389,4 +411,4 @@ def test_user_numba_cache_dir_is_respected(tmp_path):
         print(json.dumps([cache_location(k) for k in gn._KERNELS]))
     """
     paths = _run(code, _env(NUMBA_CACHE_DIR=str(user_cache)), tmp_path)
-    assert len(paths) == 3 and all(Path(p).is_relative_to(user_cache) for p in paths)
+    assert len(paths) == N_KERNELS and all(Path(p).is_relative_to(user_cache) for p in paths)

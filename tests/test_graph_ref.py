@@ -106,6 +106,17 @@ def test_session_graphs_by_hand():
     assert g.adj_in[2][0, 0] == 1.0  # 4 -> 4 self transition kept (SR-GNN)
 
 
+def test_packed_session_graphs_by_hand():
+    """packed=True: the same graphs as node / click / edge lists, offsets 0, 3, 4 per session."""
+    items = np.array([[3, 1, 3, 2], [5, 0, 0, 0], [4, 4, 0, 0]])
+    p = session_graphs_ref(items, np.array([4, 1, 2]), packed=True)
+    assert p.node_ids.tolist() == [1, 2, 3, 5, 4] and p.node_ptr.tolist() == [0, 3, 4, 5]
+    assert p.click_node.tolist() == [2, 0, 2, 1, 3, 4, 4] and p.click_session.tolist() == [0, 0, 0, 0, 1, 2, 2]
+    # session 0: 3->1, 1->3, 3->2 (nodes 2->0, 0->2, 2->1); session 2: 4->4 (node 4); sorted by (src, dst)
+    assert list(zip(p.edge_src.tolist(), p.edge_dst.tolist())) == [(0, 2), (2, 0), (2, 1), (4, 4)]
+    assert p.out_degree.tolist() == [1, 0, 2, 0, 1] and p.in_degree.tolist() == [1, 1, 1, 0, 1]
+
+
 def test_real_graph_size():
     ds = mtd_fast.load_dataset("diginetica", root=shared_path("diginetica"))
     g = global_graph_ref(ds.train_sessions, ds.n_items)

@@ -4,7 +4,8 @@
 least one transition edge; normalization happens in the product (`mtd_fast.ops.spmm`),
 never here, and nothing is ever dense. `session_graphs_ref` builds the per-session
 graphs of the SR-GNN family with a per-session NumPy loop, the way peers do it (the
-Numba builder replaces it; this one stays as the truth for tests).
+Numba builder replaces it; this one stays as the truth for tests); `packed=True` returns
+them without padding (`PackedSessionGraphs`), packed from those dense arrays.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from ..data.store import Sessions
 if TYPE_CHECKING:  # torch is imported lazily: building graphs needs only NumPy
     import torch
 
-__all__ = ["GlobalGraph", "GraphTensors", "SessionGraphs", "global_graph_ref", "session_graphs_ref", "transition_pairs"]
+__all__ = ["GlobalGraph", "GraphTensors", "SessionGraphs", "PackedSessionGraphs", "global_graph_ref",
+           "session_graphs_ref", "pack_session_graphs", "transition_pairs"]
 
 
 class GraphTensors(NamedTuple):
@@ -167,10 +169,71 @@ class SessionGraphs:
     n_nodes: np.ndarray
 
 
-def session_graphs_ref(items: np.ndarray, lengths: np.ndarray) -> SessionGraphs:
-    """Per-session Python/NumPy loop, the way peers build these graphs (truth for tests)."""
+@dataclass(frozen=True)
+class PackedSessionGraphs:
+    """The graphs of `SessionGraphs` without padding: the K nodes of all sessions in one
+    list, the N valid clicks row-major, the E distinct edges as pairs of packed nodes.
+
+    node_ids:      int64 (K,) each session's unique items, ascending, session after session
+    node_ptr:      int64 (B + 1,) session b owns nodes node_ptr[b] .. node_ptr[b + 1] - 1
+    click_node:    int64 (N,) the packed node of each valid click (session by session)
+    click_session: int64 (N,) the session of each valid click
+    edge_src, edge_dst: int64 (E,) A[u, v] = 1 (v follows u somewhere in the session,
+                   self-transitions included), each edge once, sorted by (src, dst)
+    out_degree, in_degree: int64 (K,) edges leaving / entering each node
+    So A_out[u, v] = 1 / out_degree[u] and A_in[v, u] = 1 / in_degree[v] on every edge: the
+    nonzeros of `SessionGraphs.adj_out` / `adj_in` at the packed offsets.
+    """
+
+    node_ids: np.ndarray
+    node_ptr: np.ndarray
+    click_node: np.ndarray
+    click_session: np.ndarray
+    edge_src: np.ndarray
+    edge_dst: np.ndarray
+    out_degree: np.ndarray
+    in_degree: np.ndarray
+
+
+def check_session_batch(items: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """items (B, L) and lengths (B,) as arrays, or a ValueError / TypeError naming the problem."""
     items = np.asarray(items)
     lengths = np.asarray(lengths)
+    if items.ndim != 2:
+        raise ValueError(f"items must be (batch, seq_len), got shape {items.shape}")
+    if lengths.shape != (items.shape[0],):
+        raise ValueError(f"lengths must be (batch,) = ({items.shape[0]},), got shape {lengths.shape}")
+    if items.dtype.kind not in "iu" or lengths.dtype.kind not in "iu":
+        raise TypeError(f"items and lengths must be integer arrays, got {items.dtype} and {lengths.dtype}")
+    if lengths.size and (lengths.min() < 0 or lengths.max() > items.shape[1]):
+        raise ValueError(f"lengths must lie in [0, seq_len={items.shape[1]}]")
+    return items, lengths
+
+
+def pack_session_graphs(g: SessionGraphs, lengths: np.ndarray) -> PackedSessionGraphs:
+    """`PackedSessionGraphs` read off the padded arrays of `g` (the batch's `lengths`)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n_nodes = g.n_nodes.astype(np.int64)
+    node_ptr = np.zeros(n_nodes.size + 1, dtype=np.int64)
+    np.cumsum(n_nodes, out=node_ptr[1:])
+    first = node_ptr[:-1]
+    node_ids = g.nodes[np.arange(g.nodes.shape[1])[None, :] < n_nodes[:, None]]
+    session, step = np.nonzero(np.arange(g.alias.shape[1])[None, :] < lengths[:, None])
+    b, i, j = np.nonzero(g.adj_out)  # (b, i, j) ascending: edges sorted by (src, dst)
+    src, dst = first[b] + i, first[b] + j
+    k = int(node_ptr[-1])
+    return PackedSessionGraphs(node_ids.astype(np.int64), node_ptr, first[session] + g.alias[session, step],
+                               session.astype(np.int64), src.astype(np.int64), dst.astype(np.int64),
+                               np.bincount(src, minlength=k).astype(np.int64),
+                               np.bincount(dst, minlength=k).astype(np.int64))
+
+
+def session_graphs_ref(items: np.ndarray, lengths: np.ndarray, packed: bool = False):
+    """Per-session Python/NumPy loop, the way peers build these graphs (truth for tests):
+    `SessionGraphs`, or with `packed=True` the same graphs unpadded (`PackedSessionGraphs`)."""
+    items, lengths = check_session_batch(items, lengths)
+    if packed:
+        return pack_session_graphs(session_graphs_ref(items, lengths), lengths)
     b, L = items.shape
     uniq = [np.unique(items[k, :lengths[k]]) for k in range(b)]
     width = max((u.size for u in uniq), default=0)

@@ -37,12 +37,12 @@ Deliberate deviations (and decisions):
 - Trained by the shared trainer (Adam lr 1e-3, L2 over all parameters, decay 0.1 after
   `lr_decay_epochs`, batch 512) instead of the paper's batch 100, L2 1e-5, decay every 3
   epochs. SR-GNN has no dropout: `TrainConfig.dropout` is ignored by this model.
-- Session graphs come from `mtd_fast.ops.session_graphs` (`SessionGraphs`): nodes are the
-  session's distinct items in ascending id order (the authors use np.unique too), padded
-  node slots have zero adjacency rows/columns and never reach a real click, so a session's
-  scores do not depend on what it is batched with. The model runs on the graphs packed
-  (`prepare_batch`): all sessions' nodes in one list, A_in / A_out as edge lists, the
-  valid clicks as indices into the nodes; never anything M x M and nothing padded.
+- Session graphs come from `mtd_fast.ops.session_graphs(packed=True)`
+  (`PackedSessionGraphs`): nodes are the session's distinct items in ascending id order
+  (the authors use np.unique too), all sessions' nodes in one list, A_in / A_out as edge
+  lists, the valid clicks as indices into the nodes; nothing padded and nothing n x n or
+  M x M, so a session's scores do not depend on what it is batched with. The padded
+  `SessionGraphs` (the authors' B x n x n arrays) hold the same graphs (tested).
 """
 from __future__ import annotations
 
@@ -122,37 +122,22 @@ class SRGNN(SessionModel):
 
     # ---- batch ------------------------------------------------------------------------------
     def prepare_batch(self, items: np.ndarray, lengths: np.ndarray) -> Batch:
-        """The session graphs of the batch (`ops.session_graphs`), packed: the K nodes of all
-        sessions in one list, A_in / A_out as edge lists over it, and the N valid clicks in
-        row-major order as indices into it. Nothing is padded, so the GNN and the read-out
-        cost O(K + N) rows instead of B x (longest session) (a batch of 512 pads to 84
-        clicks on average on Yoochoose 1/64 against a mean of 5.1). The padded graphs stay
-        in the batch on the CPU for inspection (`nodes`, `alias`, `adj_in`, `adj_out`)."""
+        """The session graphs of the batch, packed (`ops.session_graphs(packed=True)`): the K
+        nodes of all sessions in one list, A_in / A_out as edge lists over it, and the N valid
+        clicks in row-major order as indices into it. Nothing is padded, so building the
+        graphs, the GNN and the read-out cost O(K + N) rows instead of B x (longest session)
+        (a batch of 512 pads to 84 clicks on average on Yoochoose 1/64 against a mean of 5.1)."""
         lengths = np.asarray(lengths, dtype=np.int64)
         check_lengths(torch.from_numpy(lengths), items.shape[1], "SR-GNN")  # a 0 would read another session's click
-        g = ops.session_graphs(items, lengths, backend=self.backend)
-        n_nodes = np.asarray(g.n_nodes, dtype=np.int64)
-        first = np.cumsum(n_nodes) - n_nodes  # (B,) packed index of each session's first node
-        node_valid = np.arange(g.nodes.shape[1])[None, :] < n_nodes[:, None]
-        click_valid = np.arange(items.shape[1])[None, :] < lengths[:, None]
-        session, step = np.nonzero(click_valid)  # row-major: session by session
-        node = first[session] + g.alias[session, step]  # (N,) packed node of each click
+        g = ops.session_graphs(items, lengths, packed=True, backend=self.backend)
         dev = self.device
         batch = {"items": torch.from_numpy(np.ascontiguousarray(items)).to(dev),
                  "lengths": torch.from_numpy(lengths).to(dev),
-                 "node_ids": torch.from_numpy(g.nodes[node_valid]).to(dev),  # (K,)
-                 "click_node": torch.from_numpy(node).to(dev),  # (N,)
-                 "click_session": torch.from_numpy(session).to(dev),  # (N,)
-                 "nodes": torch.from_numpy(g.nodes), "alias": torch.from_numpy(g.alias),
-                 "adj_in": torch.from_numpy(g.adj_in), "adj_out": torch.from_numpy(g.adj_out)}
-        # A from the clicks (not by scanning the B x n x n arrays): an edge u -> v for each
-        # consecutive pair, self-transitions included, each distinct edge once
-        follows = step[1:] > 0  # consecutive clicks of one session
-        k = int(n_nodes.sum())
-        key = np.unique(node[:-1][follows] * k + node[1:][follows])
-        u, v = key // k, key % k
-        outdeg, indeg = np.bincount(u, minlength=k), np.bincount(v, minlength=k)
-        for name, rows, cols, deg in (("in", v, u, indeg), ("out", u, v, outdeg)):
+                 "node_ids": torch.from_numpy(g.node_ids).to(dev),  # (K,)
+                 "click_node": torch.from_numpy(g.click_node).to(dev),  # (N,)
+                 "click_session": torch.from_numpy(g.click_session).to(dev)}  # (N,)
+        for name, rows, cols, deg in (("in", g.edge_dst, g.edge_src, g.in_degree),
+                                      ("out", g.edge_src, g.edge_dst, g.out_degree)):
             batch[f"edge_{name}_rows"] = torch.from_numpy(rows).to(dev)  # A_in[v, u] = 1 / indeg(v)
             batch[f"edge_{name}_cols"] = torch.from_numpy(cols).to(dev)  # A_out[u, v] = 1 / outdeg(u)
             batch[f"edge_{name}_weights"] = torch.from_numpy((1.0 / deg[rows]).astype(np.float32)).to(dev)

@@ -20,9 +20,10 @@ def global_graph(sessions, n_items: int, directed: bool = False, weighted: bool 
     return resolve("global_graph", backend, "cpu")(sessions, n_items, directed=directed, weighted=weighted)
 
 
-def session_graphs(items: np.ndarray, lengths: np.ndarray, backend=None):
-    """Per-session SR-GNN graphs of a padded batch (`SessionGraphs`)."""
-    return resolve("session_graphs", backend, "cpu")(np.asarray(items), np.asarray(lengths))
+def session_graphs(items: np.ndarray, lengths: np.ndarray, packed: bool = False, backend=None):
+    """Per-session SR-GNN graphs of a padded batch: `SessionGraphs` (B x n x n adjacency), or
+    with `packed=True` the same graphs as node and edge lists (`PackedSessionGraphs`)."""
+    return resolve("session_graphs", backend, "cpu")(np.asarray(items), np.asarray(lengths), packed=packed)
 
 
 # ---- backends: rank orders auto's preference (lower first); reference is the fallback -------
