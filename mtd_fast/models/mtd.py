@@ -39,7 +39,7 @@ from torch import nn
 
 from .. import ops
 from ..config import MTDConfig
-from ..ops.common import position_index, segment_softmax, segment_sum
+from ..ops.common import normalize_rows, permute_rows, position_index, segment_softmax, segment_sum
 from .base import Batch, SessionModel
 from .layers import LN_EPS, Packing, SelfAttentionBlock, init_attention_encoder
 
@@ -189,7 +189,7 @@ class MTD(SessionModel):
         if not self.graph_per_step:
             return emb, None, None
         nodes = self.graph.torch_tensors(emb.device).nodes
-        h0 = emb[nodes]
+        h0 = emb.index_select(0, nodes)
         h = self.graph_output(h0)
         if self.config.graph_mode == "joint":
             return emb, h0, h  # the DGI term reads H; the recommender reads E itself
@@ -220,11 +220,11 @@ class MTD(SessionModel):
         tokens = items.reshape(-1)[packing.index]  # (N,) valid clicks, never the padding row
         if cfg.use_self_attention:
             pos = position_index(lengths, L).clamp_max(cfg.max_position).reshape(-1)[packing.index]
-            x = F.dropout(table[tokens] + self.pos_emb(pos), self.dropout_p, self.training)  # X0 (N, d)
+            x = F.dropout(table.index_select(0, tokens) + self.pos_emb(pos), self.dropout_p, self.training)  # X0 (N, d)
             for blk in self.blocks:
                 x = blk(x, lengths, packing)  # (N, d)
         else:  # MTD-va / MTD-at: raw item embeddings
-            x = F.dropout(table[tokens], self.dropout_p, self.training)
+            x = F.dropout(table.index_select(0, tokens), self.dropout_p, self.training)
         last = x[packing.last]  # x_t (B, d)
         h, hp = packing.unpack(x), packing.unpack(self.att_item(x))  # (B, L, d) each, zero padding
         x_s, p_s = ops.aggregate(h, hp, self.att_last(last), self.att_vec, lengths,
@@ -241,7 +241,7 @@ class MTD(SessionModel):
         table = self.item_table() if table is None else table
         q, cand = self.encode(batch["items"], batch["lengths"], table), table[1:]
         if self.config.score_norm:
-            q, cand = F.normalize(q, dim=-1) * self.score_scale, F.normalize(cand, dim=-1)
+            q, cand = normalize_rows(q) * self.score_scale, normalize_rows(cand)
         return q, cand
 
     def multitask_loss(self, batch: Batch, targets: torch.Tensor, graph_weight: float,
@@ -257,7 +257,7 @@ class MTD(SessionModel):
             return rec, None
         if perm is None:
             perm = torch.randperm(h0.shape[0], device=h0.device)
-        dgi = self.dgi_bce(h, self.graph_output(h0[perm]))
+        dgi = self.dgi_bce(h, self.graph_output(permute_rows(h0, perm)))
         return rec + graph_weight * dgi, dgi
 
     # ---- inter-session encoder -------------------------------------------------------------
@@ -275,11 +275,11 @@ class MTD(SessionModel):
         """
         nodes = graph.torch_tensors(self.device).nodes
         if h0 is None:
-            h0 = self.item_emb.weight.detach()[nodes]
+            h0 = self.item_emb.weight.detach().index_select(0, nodes)
         if perm is None:
             perm = torch.randperm(h0.shape[0], device=h0.device)
         h = self.graph_encode(h0, graph)  # (N, d)
-        return self.dgi_bce(h, self.graph_encode(h0[perm], graph)), h
+        return self.dgi_bce(h, self.graph_encode(permute_rows(h0, perm), graph)), h
 
     def dgi_bce(self, h: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
         """DGI discriminator loss: readout c = sigmoid(mean H), D(x) = c^T W_D x, mean BCE with
