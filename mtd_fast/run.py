@@ -202,7 +202,10 @@ class Run:
             raise RunDirError(f"{where}: {self.epoch_done} epochs are done, more than epochs={self.epochs}: resume "
                               "with at least as many epochs, or start a new run_dir")
         if self.run is not None:
+            from .rundir import provenance
+
             self.dist.on_main(lambda: self.run.write_epochs(self.history))
+            self.dist.on_main(lambda: self.run.note_resume(self.epoch_done, provenance(self.api_call)))
         self.say(f"[{self.model_name}] resumed from {where}: {self.epoch_done} epoch(s) done"
                  + (", graph phase of the next one done" if self.graph_done else "")
                  + (", early-stopped" if self.stopped else ""))

@@ -4,7 +4,10 @@
 
 - `run.json`: the format marker, the run's identity (model, seed, backend spec, both
   resolved configs, the dataset's name, counts and content hash, world size), and
-  provenance (command, API call, package version, commit, torch, machine, date);
+  provenance (command, API call, package version, commit, torch, machine, date), plus
+  `resumes`: one entry per resumption (the epochs done, and the command, commit and date
+  of the process that went on), so a run trained by several versions of the code says
+  which trained which epochs;
 - `epochs.jsonl`: one JSON line per recommendation epoch (losses, graph phase,
   validation/test metrics, seconds), the `TrainResult.history` entry;
 - `curves.png`: losses and validation (and test) P@20 / MRR@20 per epoch, redrawn after
@@ -165,6 +168,29 @@ class RunDir:
         if self.writer:
             record = {"format": RUN_FORMAT, "version": RUN_VERSION, "identity": identity, **provenance}
             _atomic_bytes(self.path / RUN_FILE, _json_bytes(record))
+
+    def note_resume(self, epochs_done: int, provenance: dict[str, Any]) -> None:
+        """Append to run.json's `resumes` the process that goes on after `epochs_done` epochs."""
+        if not self.writer:
+            return
+        f = self.path / RUN_FILE
+        record = json.loads(f.read_text())
+        entry = {"after_epoch": int(epochs_done), **{k: provenance[k] for k in ("commit", "commit_dirty", "command")},
+                 "date": provenance["created"]}
+        record["resumes"] = [*record.get("resumes", []), entry]
+        _atomic_bytes(f, _json_bytes(record))
+
+    def code_versions(self) -> list[dict[str, Any]]:
+        """[{"from_epoch", "commit", "commit_dirty"}]: the code that trained each stretch of epochs,
+        from run.json (the start and every resumption; consecutive equal commits merged)."""
+        record = json.loads((self.path / RUN_FILE).read_text())
+        out: list[dict[str, Any]] = []
+        for start, r in [(1, record), *((e["after_epoch"] + 1, e) for e in record.get("resumes", []))]:
+            version = {"commit": r.get("commit"), "commit_dirty": r.get("commit_dirty")}
+            out = [v for v in out if v["from_epoch"] < start]  # a resume from an earlier checkpoint redoes epochs
+            if not out or {k: out[-1][k] for k in version} != version:
+                out.append({"from_epoch": start, **version})
+        return out
 
     def check_identity(self, identity: dict[str, Any]) -> None:
         """Refuse to resume a run made with another config, dataset, backend or world size."""

@@ -168,6 +168,9 @@ def test_interrupted_run_resumes_from_its_partial_run_directory(tmp_path, monkey
     assert not partial.exists()  # removed once the result file is written
     assert json.loads(result_path(out, s).read_text()) == rec
     assert rec["resumed_at_epoch"] == 2 and ref["resumed_at_epoch"] == 0
+    # which code trained which epochs: one version here (the same checkout both times)
+    assert rec["code_versions"] == ref["code_versions"] == [{"from_epoch": 1, "commit": rec["commit"],
+                                                             "commit_dirty": rec["commit_dirty"]}]
 
     # a partial run left behind by an interruption after its result file was written goes
     (partial / "leftover").mkdir(parents=True)

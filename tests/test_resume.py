@@ -66,6 +66,10 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, reference, mode, kill
     assert_same_run(reference[mode], tmp_path / "resumed.json")
     lines = (rd / "epochs.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]  # no line twice, none missing
+    record = json.loads((rd / "run.json").read_text())
+    (resumed,) = record["resumes"]  # the one resumption, by the same checkout
+    assert 0 <= resumed["after_epoch"] < 3 and resumed["commit"] == record["commit"]
+    assert "--resume" in resumed["command"]
     assert sorted(p.name for p in rd.iterdir()) == ["checkpoint_best.pt", "checkpoint_last.pt", "curves.png",
                                                   "epochs.jsonl", "result.json", "run.json"]
 
@@ -195,3 +199,27 @@ def test_checkpoint_that_does_not_fit(tmp_path):
     RunDir(rd).save_checkpoint(state, best=True)
     with pytest.raises(ValueError, match=r"item_emb.weight has shape \(7, 16\).*expects \(61, 16\)"):
         mtd_fast.train(ds, run_dir=rd, resume=True, **{**kw, "epochs": 2})
+
+
+def test_code_versions_follow_the_resumptions(tmp_path):
+    """run.json's resumes -> which commit trained which epochs: equal neighbours merge, and a
+    resumption from an earlier checkpoint (a corrupt last one) hands the redone epochs over."""
+    from mtd_fast.rundir import RunDir
+
+    def prov(commit: str) -> dict:
+        return {"commit": commit, "commit_dirty": False, "command": f"mtd-fast train ({commit})",
+                "created": "2026-12-02T00:00:00+00:00", "api_call": "x"}
+
+    rd = RunDir(tmp_path)
+    rd.start({"model": "mtd"}, prov("a"))
+    assert rd.code_versions() == [{"from_epoch": 1, "commit": "a", "commit_dirty": False}]
+    rd.note_resume(3, prov("b"))
+    rd.note_resume(5, prov("b"))
+    assert rd.code_versions() == [{"from_epoch": 1, "commit": "a", "commit_dirty": False},
+                                  {"from_epoch": 4, "commit": "b", "commit_dirty": False}]
+    rd.note_resume(2, prov("c"))  # back to the checkpoint after epoch 2: epochs 3.. are c's
+    assert rd.code_versions() == [{"from_epoch": 1, "commit": "a", "commit_dirty": False},
+                                  {"from_epoch": 3, "commit": "c", "commit_dirty": False}]
+    assert [r["after_epoch"] for r in json.loads((tmp_path / "run.json").read_text())["resumes"]] == [3, 5, 2]
+    assert not RunDir(tmp_path, writer=False).note_resume(9, prov("d"))  # rank > 0 writes nothing
+    assert len(json.loads((tmp_path / "run.json").read_text())["resumes"]) == 3

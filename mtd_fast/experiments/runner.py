@@ -189,10 +189,12 @@ def cli_command(argv: Optional[Sequence[str]] = None) -> str:
 
 
 def _make_record(spec: RunSpec, result, ds, stats: dict[str, Any], command: str, wall: float,
-                 resumed_at: int = 0) -> dict[str, Any]:
+                 resumed_at: int = 0, code_versions: Optional[list] = None) -> dict[str, Any]:
     import torch
 
     commit, dirty = source_commit()
+    if code_versions is None:
+        code_versions = [{"from_epoch": 1, "commit": commit, "commit_dirty": dirty}]
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "dataset": ds.name, "model": spec.model, "label": spec.label, "seed": spec.seed,
@@ -208,6 +210,9 @@ def _make_record(spec: RunSpec, result, ds, stats: dict[str, Any], command: str,
         # epochs an interrupted invocation had done before this one resumed the run (wall_seconds
         # counts this invocation only; the history has every epoch's seconds)
         "resumed_at_epoch": resumed_at,
+        # the code that trained each stretch of epochs (a resumed run may span commits; "commit"
+        # above is the one that finished it)
+        "code_versions": code_versions,
     }
 
 
@@ -453,7 +458,8 @@ def run_all(specs: Sequence[RunSpec], out_dir: os.PathLike | str, *, quiet: bool
                 run_dir = partial_path(out_dir, s)
                 res, resumed_at = _train_resumably(train, ds, s, run_dir, backend, quiet, bar)
                 wall = time.perf_counter() - t0
-                rec = _make_record(s, res, ds, stats, command or s.api_call(), wall, resumed_at)
+                versions = _code_versions(run_dir)
+                rec = _make_record(s, res, ds, stats, command or s.api_call(), wall, resumed_at, versions)
                 if checkpoints:
                     from ..serialization import save
 
@@ -497,6 +503,13 @@ def _set_aside(run_dir: Path, why: str, bar) -> None:
         stale = run_dir.with_name(f"{run_dir.name}.stale-{int(time.time())}")
     os.replace(run_dir, stale)
     bar.write(f"partial run {run_dir} cannot be resumed ({why}); moved to {stale.name}, starting over")
+
+
+def _code_versions(run_dir: Path) -> Optional[list]:
+    """The code versions a run directory records (None without a run record)."""
+    from ..rundir import RUN_FILE, RunDir
+
+    return RunDir(run_dir).code_versions() if (run_dir / RUN_FILE).is_file() else None
 
 
 def _train_resumably(train, ds, spec: RunSpec, run_dir: Path, backend: Any, quiet: bool, bar):
