@@ -448,6 +448,13 @@ def _determinism(flag: Optional[bool], device: str):
     without for a 40k x 100 table and 2,600 tokens, 2 threads). True: also on CUDA (cuBLAS
     workspace, cuDNN), raising for an op torch has no deterministic version of. False: left
     as the caller set it.
+
+    torch's deterministic mode also fills every fresh `torch.empty` with NaN
+    (`torch.utils.deterministic.fill_uninitialized_memory`), a guard against kernels that read
+    memory they did not write. It is switched off for the run: on MTD's Diginetica step it was
+    about 50 of 570 ms (item-table-sized LayerNorm, SpMM and gradient buffers filled and then
+    overwritten), and the guard is what tests are for (tests/test_determinism.py: identical
+    runs give identical weights, with it off).
     """
     cuda = device.startswith("cuda")
     on = (not cuda) if flag is None else flag
@@ -462,12 +469,15 @@ def _determinism(flag: Optional[bool], device: str):
         if torch.cuda.is_initialized():
             log.warning("deterministic=True: CUBLAS_WORKSPACE_CONFIG was set after CUDA started; set it to "
                         ":4096:8 in the environment before launching for deterministic cuBLAS")
+    fill = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True, warn_only=flag is None)
+    torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
 
 
