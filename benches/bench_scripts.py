@@ -69,3 +69,22 @@ def test_graph_branch_smoke(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = json.loads(res.stdout)
     assert out["E_row_norm_median"] > 0 and out["GCN_row_norm_median"] > 0 and -1 <= out["cos_T_GCN_median"] <= 1
+
+
+def test_publish_table2_smoke(tmp_path):
+    """benches/publish_table2.py (copy finished convergence runs, merge, rewrite the README
+    block; run by hand) on two one-epoch synthetic result files and a scratch README."""
+    from mtd_fast.experiments import RunSpec, run_all
+
+    run_all([RunSpec("synthetic", model=m, epochs=1, overrides={"hidden_size": 8, "max_steps_per_epoch": 2},
+                     dataset_kwargs={"n_sessions": 300, "n_items": 60}) for m in ("pop", "stamp")],
+            tmp_path / "results" / "table2", quiet=True)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- table2 -->\nold\n<!-- /table2 -->\n")
+    script = Path(__file__).resolve().parent / "publish_table2.py"
+    res = subprocess.run([sys.executable, str(script), "--from", str(tmp_path / "results"), "--figures",
+                          str(tmp_path / "figures"), "--readme", str(readme)], capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.startswith("copied 2:") and "| STAMP |" in readme.read_text()
+    assert len(list((tmp_path / "figures" / "table2").glob("*.json"))) == 2

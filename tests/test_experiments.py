@@ -266,6 +266,29 @@ def test_table2_targets_and_capped_runs_are_computed_from_the_files():
     assert "epochs cap while still improving (not converged): MTD." in yoo and "MTD-lo" in yoo.split("not finished")[1]
 
 
+def test_publish_copies_finished_files_merges_and_rewrites_the_readme_block(tmp_path, monkeypatch):
+    results, figures = tmp_path / "results", tmp_path / "figures"
+    run_all([spec("pop"), spec("stamp")], results / "table2", quiet=True)
+    torn = results / "table2" / "torn.json"
+    torn.write_text('{"format": ')  # a partial file: listed, never copied
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nbefore\n<!-- table2 -->\nold table\n<!-- /table2 -->\nafter\n")
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail("publish must not train"))
+    res = table2.publish(results, figures, readme)
+    assert sorted(res["copied"]) == sorted(p.name for p in (results / "table2").glob("*__seed0.json"))
+    assert list(res["skipped"]) == ["torn.json"] and not (figures / "table2" / "torn.json").exists()
+    md = (figures / "table2.md").read_text()
+    assert "| POP |" in md and "| STAMP |" in md and (figures / "table2_curves.png").is_file()
+    text = readme.read_text()
+    assert text == ("# x\n\nbefore\n<!-- table2 -->\n" + table2.readme_block(md) + "\n<!-- /table2 -->\nafter\n")
+    assert "old table" not in text
+    assert table2.publish(results, figures, readme)["copied"] == []  # nothing new: nothing copied, same README
+    assert readme.read_text() == text
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="no <!-- table2 -->"):
+        table2.publish(results, figures, readme)
+
+
 def test_status_reads_the_study_folder_without_training(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     runs = out / "table2"

@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from mtd_fast.experiments.table2 import readme_block
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,23 +30,12 @@ def test_every_file_the_readme_links_exists():
     assert not missing, f"README links files that do not exist: {missing}"
 
 
-def table2_block(md: str) -> str:
-    """The part of benches/figures/table2.md the README shows: the per-dataset tables (their
-    headings one level down, under the README's section) and the computed targets, without
-    the title, the column notes and the provenance."""
-    start = md.index("\n### ") + 1
-    end = md.index("\n", md.index("## Targets"))  # keep the targets list, drop its heading line
-    tables, targets = md[start:md.index("## Targets")].rstrip(), md[end:].split("\n\n")[1]
-    tables = re.sub(r"^### ", "#### ", tables, flags=re.M)
-    return tables + "\n\n" + targets.rstrip()
-
-
 def test_readme_tables_2_3_are_the_merged_result_files():
     """The converged accuracy tables in the README are the merged result files, verbatim
-    (refresh: `mtd-fast experiment table2 ... --out benches/figures`, then copy the tables and
-    the targets list of benches/figures/table2.md between the README's table2 markers)."""
+    (refresh: `python benches/publish_table2.py --from RESULTS`, which copies finished result
+    files, merges them and rewrites that block)."""
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"<!-- table2 -->\n(.*?)\n<!-- /table2 -->", readme, flags=re.S)
     assert block, "README has no <!-- table2 --> ... <!-- /table2 --> block"
     md = (ROOT / "benches" / "figures" / "table2.md").read_text()
-    assert block.group(1).strip() == table2_block(md)
+    assert block.group(1).strip() == readme_block(md)

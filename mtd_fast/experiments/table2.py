@@ -8,15 +8,19 @@ Writes `out/table2/*.json` (one per dataset, model, seed), `out/table2.md`,
 """
 from __future__ import annotations
 
+import re
+import shutil
 import statistics
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from .merge import dataset_title, group_records, merge_json, merge_table
 from .report import atomic_write_json, atomic_write_text, display_name
-from .runner import load_results
+from .runner import load_results, read_result
 from .study import Study, provenance, pyplot, save_figure
 
-__all__ = ["MODELS", "DEFAULT_SEEDS", "REQUIRED", "STRETCH", "run", "report", "curves_figure", "targets"]
+__all__ = ["MODELS", "DEFAULT_SEEDS", "REQUIRED", "STRETCH", "run", "report", "curves_figure", "targets",
+           "readme_block", "publish"]
 
 MODELS = ("pop", "spop", "itemknn", "gru4rec", "narm", "stamp", "sasrec", "srgnn", "csrm", "cosan", "mtd", "mtd-lo")
 ORDER = (*MODELS, "mtd-va", "mtd-at", "mtd-ga")
@@ -145,3 +149,48 @@ def report(records: list[dict[str, Any]], study: Study) -> dict[str, Any]:
     if records:
         paths["curves"] = save_figure(curves_figure(records), out / "table2_curves.png")
     return {"paths": paths, "records": records, "markdown": md}
+
+
+# ---- publishing finished runs ---------------------------------------------------------------
+README_MARKERS = ("<!-- table2 -->\n", "\n<!-- /table2 -->")
+
+
+def readme_block(md: str) -> str:
+    """The part of table2.md a README shows: the per-dataset tables (their headings one level
+    down) and the computed targets list, without the title, column notes and provenance."""
+    start = md.index("\n### ") + 1
+    end = md.index("\n", md.index("## Targets"))  # keep the targets list, drop its heading line
+    tables, targets_list = md[start:md.index("## Targets")].rstrip(), md[end:].split("\n\n")[1]
+    tables = re.sub(r"^### ", "#### ", tables, flags=re.M)
+    return tables + "\n\n" + targets_list.rstrip()
+
+
+def publish(source: Path, out: Path, readme: Optional[Path] = None) -> dict[str, Any]:
+    """Copy the valid result files of `source/table2/` that `out/table2/` lacks or holds in
+    another version, merge every file there into out/table2.{md,json} and the curves PNG
+    (nothing is trained), and, with `readme`, replace the text between its table2 markers by
+    `readme_block` of the new table2.md. Returns {"copied": [names], "skipped": {name:
+    problem}, "paths": the report's paths}. Raises ValueError when `readme` lacks the markers."""
+    source, out = Path(source) / "table2", Path(out)
+    dest = out / "table2"
+    dest.mkdir(parents=True, exist_ok=True)
+    copied, skipped = [], {}
+    for path in sorted(source.glob("*.json")):
+        rec, problem = read_result(path)
+        if rec is None:
+            skipped[path.name] = problem
+            continue
+        target = dest / path.name
+        if not target.is_file() or target.read_bytes() != path.read_bytes():
+            shutil.copyfile(path, target)
+            copied.append(path.name)
+    result = report(load_results(dest), Study("table2", out=out))
+    if readme is not None:
+        text = Path(readme).read_text()
+        open_, close = README_MARKERS
+        if open_ not in text or close not in text:
+            raise ValueError(f"{readme}: no {open_.strip()} ... {close.strip()} block to replace")
+        head, rest = text.split(open_, 1)
+        tail = rest.split(close, 1)[1]
+        Path(readme).write_text(head + open_ + readme_block(result["markdown"]) + close + tail)
+    return {"copied": copied, "skipped": skipped, "paths": result["paths"]}
