@@ -26,6 +26,7 @@ is deterministic on the CPU, resuming from any complete checkpoint replays the s
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import io
 import json
@@ -103,6 +104,22 @@ def dataset_identity(ds) -> dict[str, Any]:
                 files[name] = h.hexdigest()
     ident["files_sha256"] = files
     return ident
+
+
+def _with_new_defaults(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`old` with every config field that a later version of mtd_fast added filled in, where
+    the resuming run has it at its default: a new option defaults to the old behaviour, so a
+    run started before the option existed is the same run (a convergence run may span
+    several versions). A new field set to anything else still refuses the resume."""
+    from .config import MTDConfig, TrainConfig
+
+    out = dict(old)
+    for key, cls in (("model_config", MTDConfig), ("train_config", TrainConfig)):
+        if isinstance(old.get(key), Mapping) and isinstance(new.get(key), Mapping):
+            defaults = json.loads(json.dumps(dataclasses.asdict(cls()), default=str))
+            out[key] = {**{k: v for k, v in new[key].items() if k not in old[key] and k in defaults
+                           and v == defaults[k]}, **old[key]}
+    return out
 
 
 def _differences(old: Any, new: Any, path: str = "") -> list[str]:
@@ -202,7 +219,7 @@ class RunDir:
         check_format(record, RUN_FORMAT, RUN_VERSION, f"resume: {f}:", "run record", RunDirError)
         old = {k: v for k, v in (record.get("identity") or {}).items() if k not in _MAY_CHANGE}
         new = {k: v for k, v in json.loads(json.dumps(identity, default=str)).items() if k not in _MAY_CHANGE}
-        diffs = _differences(old, new)
+        diffs = _differences(_with_new_defaults(old, new), new)
         if diffs:
             more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
             raise RunDirError(f"resume: run directory {self.path} was made by another run: " + "; ".join(diffs[:3])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,16 @@ def test_resume_refusals(tmp_path, reference):
         mtd_fast.train(other, run_dir=done, resume=True, **kw)
     with pytest.raises(RunDirError, match="^resume: .*model: 'mtd' in the run directory, 'mtd-lo' now"):
         mtd_fast.train(ds, model="mtd-lo", run_dir=done, resume=True, **kw)
+    # a run directory from before a config field existed resumes when the field is at its
+    # default (new options default to the old behaviour), and refuses otherwise
+    older = tmp_path / "older"
+    shutil.copytree(done, older)
+    rec = json.loads((older / "run.json").read_text())
+    del rec["identity"]["model_config"]["score_scale"], rec["identity"]["train_config"]["warmup_steps"]
+    (older / "run.json").write_text(json.dumps(rec))
+    mtd_fast.train(ds, run_dir=older, resume=True, **kw)
+    with pytest.raises(RunDirError, match=r"model_config.score_scale: absent in the run directory, 5.0 now"):
+        mtd_fast.train(ds, run_dir=older, resume=True, **{**kw, "score_scale": 5.0})
     newer = tmp_path / "newer"
     newer.mkdir()
     rec = json.loads((done / "run.json").read_text())
