@@ -63,6 +63,9 @@ class MTDConfig:
     # LightGCN's layer mean) used for session items and candidates at every step.
     graph_mode: str = "residual"  # chosen on validation: README "Graph integration", benches/figures/graph_modes.md
     residual_form: str = "gcn"  # graph_mode="residual": "gcn" (E + GCN(E)) or "light" (mean of A^l E, l=0..L)
+    # residual "gcn" form: dropout on the graph branch in training, T = E + dropout(GCN(E)) (as
+    # GCE-GNN drops its global-graph features, 0.5 there); 0 = off (the default)
+    graph_dropout: float = 0.0
     # cosine scoring: score_scale * <q/|q|, e/|e|> (NISER), else a plain dot product; on by default:
     # better on validation on all three datasets (README "Graph integration", graph_modes.md)
     score_norm: bool = True
@@ -99,6 +102,11 @@ class MTDConfig:
         _check(self.residual_form in ("gcn", "light"), "residual_form", self.residual_form, "one of 'gcn', 'light'")
         _check(self.residual_form == "gcn" or self.graph_mode == "residual", "residual_form", self.residual_form,
                f"only graph_mode='residual' propagates the item table (graph_mode={self.graph_mode!r})")
+        _check(_is_num(self.graph_dropout) and 0 <= self.graph_dropout < 1, "graph_dropout", self.graph_dropout,
+               "a number in [0, 1)")
+        _check(self.graph_dropout == 0 or (self.graph_mode == "residual" and self.residual_form == "gcn"),
+               "graph_dropout", self.graph_dropout, f"only graph_mode='residual' with residual_form='gcn' adds a "
+               f"graph branch to drop (graph_mode={self.graph_mode!r}, residual_form={self.residual_form!r})")
         _check(_is_num(self.score_scale) and self.score_scale > 0, "score_scale", self.score_scale, "a number > 0")
         if self.graph_encoder == "gat":  # attention weights replace both: refuse rather than ignore
             _check(not self.graph_weighted, "graph_weighted", self.graph_weighted,

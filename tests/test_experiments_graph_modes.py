@@ -14,7 +14,7 @@ TINY = {"hidden_size": 8, "batch_size": 64, "max_steps_per_epoch": 2}
 
 def test_variants_and_specs():
     labels = [s.label for s in graph_modes.specs(Study("graph_modes"))]
-    assert len(labels) == 14 and set(labels) == set(graph_modes.VARIANTS)
+    assert len(labels) == 16 and set(labels) == set(graph_modes.VARIANTS)
     by_label = {s.label: s for s in graph_modes.specs(Study("graph_modes", seeds=[3]))}
     assert by_label["mtd-lo+cos"].model == "mtd-lo" and by_label["mtd-lo+cos"].overrides_dict["score_norm"] is True
     assert by_label["residual-w0"].overrides_dict["graph_weight"] == 0.0

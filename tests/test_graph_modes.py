@@ -66,6 +66,34 @@ def test_residual_gcn_table_by_hand():
         assert not torch.allclose(m.item_table()[1], got[1])
 
 
+def test_graph_dropout_drops_the_branch_in_training_only():
+    """graph_dropout p: T = E + dropout_p(GCN(E)) in training (each branch element 0 or
+    scaled by 1/(1-p)); evaluation reads the whole branch; the DGI side reads H undropped."""
+    m, g = tiny_model(graph_mode="residual", graph_dropout=0.5), tiny_graph()
+    m.set_graph(g)
+    nodes = torch.from_numpy(g.nodes)
+    e = m.item_emb.weight.detach()
+    m.eval()
+    with torch.no_grad():
+        full, _, h = m.propagate()
+    assert torch.allclose(full[nodes], e[nodes] + h, atol=1e-6)
+    m.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        table, _, h_train = m.propagate()
+    assert torch.equal(h_train, h)  # the branch itself is not dropped (DGI reads it)
+    ratio = (table[nodes] - e[nodes]) / h
+    kept = torch.isclose(ratio, torch.tensor(2.0), atol=1e-4)
+    dropped = torch.isclose(table[nodes], e[nodes], atol=1e-7)
+    assert bool((kept | dropped).all()) and 0.3 < kept.float().mean() < 0.7
+    assert torch.equal(table[[0, 11, 12]], e[[0, 11, 12]])
+    for bad in (dict(graph_dropout=1.0), dict(graph_dropout=-0.1),
+                dict(graph_dropout=0.2, graph_mode="joint"),
+                dict(graph_dropout=0.2, residual_form="light")):
+        with pytest.raises(ConfigError, match="graph_dropout"):
+            MTDConfig(**bad)
+
+
 def test_residual_light_table_by_hand():
     m, g = tiny_model(graph_mode="residual", residual_form="light", num_gcn_layers=2), tiny_graph()
     m.set_graph(g)

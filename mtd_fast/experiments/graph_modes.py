@@ -1,6 +1,6 @@
 """`mtd-fast experiment graph_modes`: which graph integration MTD should use, chosen on validation.
 
-Every `graph_mode` (overwrite, rescaled, joint, residual and two residual variants), each
+Every `graph_mode` (overwrite, rescaled, joint, residual and three residual variants), each
 with plain dot-product and cosine scoring (`score_norm`), against MTD-lo (no graph) with
 the same scoring, on the datasets found in `out/graph_modes/` (run one invocation per
 dataset; files add up). The report ranks the variants by their mean VALIDATION P@20 gain
@@ -33,6 +33,7 @@ _BASE: dict[str, tuple[str, dict[str, Any]]] = {
     "residual": ("mtd", {"graph_mode": "residual", "graph_weight": 1.0}),
     "residual-w0": ("mtd", {"graph_mode": "residual", "graph_weight": 0.0}),
     "residual-light": ("mtd", {"graph_mode": "residual", "residual_form": "light", "graph_weight": 0.0}),
+    "residual-gdrop": ("mtd", {"graph_mode": "residual", "graph_weight": 1.0, "graph_dropout": 0.5}),
 }
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {}
 for _label, (_model, _kw) in _BASE.items():
@@ -41,7 +42,8 @@ for _label, (_model, _kw) in _BASE.items():
 WHAT = {"mtd-lo": "no graph", "overwrite": "E[nodes] = H after each graph phase (authors' code)",
         "rescaled": "write-back at the rows' previous norms", "joint": "CE + DGI every step, no write-back",
         "residual": "T = E + GCN(E) for items and candidates, + DGI", "residual-w0": "T = E + GCN(E), no DGI term",
-        "residual-light": "T = mean_l A^l E (LightGCN), no DGI term"}
+        "residual-light": "T = mean_l A^l E (LightGCN), no DGI term",
+        "residual-gdrop": "T = E + dropout_0.5(GCN(E)) in training (GCE-GNN's global dropout), + DGI"}
 
 
 def baseline_of(label: str) -> str:

@@ -18,7 +18,8 @@ How the graph side reaches the recommender is `graph_mode` (README "Graph integr
 - "rescaled":  the same, each written row scaled to the norm it had: E[n] = H_n |E_n| / |H_n|;
 - "joint":     L = L_rec + lambda_g L_DGI(GCN(E[nodes])) at every step, no write-back, so
                the DGI gradient reaches E (the paper's equation);
-- "residual":  the table T = E + GCN(E) on graph nodes (`residual_form="gcn"`), or
+- "residual":  the table T = E + GCN(E) on graph nodes (`residual_form="gcn"`; with
+               `graph_dropout` p, T = E + dropout_p(GCN(E)) in training), or
                T = mean_l A_hat^l E (`"light"`, LightGCN's layer mean), is used for the
                session's items and the candidates at every step (+ lambda_g L_DGI when > 0).
 `score_norm=True` (the default) scores by `score_scale * cos(q, T_j)` (NISER); False by the
@@ -195,7 +196,8 @@ class MTD(SessionModel):
             return emb, h0, h  # the DGI term reads H; the recommender reads E itself
         if self.config.residual_form == "light":
             return emb.index_copy(0, nodes, h.to(emb.dtype)), h0, h  # T[nodes] = layer mean (incl. E)
-        return emb.index_add(0, nodes, h.to(emb.dtype)), h0, h  # T[nodes] = E[nodes] + GCN(E[nodes])
+        branch = F.dropout(h, self.config.graph_dropout, self.training) if self.config.graph_dropout else h
+        return emb.index_add(0, nodes, branch.to(emb.dtype)), h0, h  # T[nodes] = E[nodes] + GCN(E[nodes])
 
     def item_table(self) -> torch.Tensor:
         """The (M+1, d) table the recommender reads: E, or the propagated table of
