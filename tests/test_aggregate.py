@@ -133,6 +133,30 @@ def test_matches_reference(backend, b, L, d, gamma, g_scale, lengths, seed, mode
     assert_padded_rows_zero(got[2], lens.tolist(), "dh")
 
 
+@pytest.mark.parametrize("backend", backend_params("reference", "packed", "triton"))
+@pytest.mark.parametrize("mode", ["additive", "product"])
+@pytest.mark.parametrize("b,L,d,seed", [(7, 19, 100, 31), (3, 1, 64, 32), (5, 50, 100, 33)])
+def test_rows_layout_is_the_padded_op_on_the_valid_rows(backend, mode, b, L, d, seed):
+    """h, hp as (N, d) rows (the valid clicks only, what MTD passes): both outputs and every
+    gradient equal the padded op's, a learned gamma included, for each backend."""
+    from mtd_fast.ops.common import padded_to_rows
+
+    dev = device_for(backend)
+    h, hp, a, g, lens, gx, gp = aggregate_inputs(b, L, d, seed, device=dev)
+    gamma = torch.tensor(0.75, device=dev)
+    want = run_aggregate(aggregate_ref, h, hp, a, g, lens, gamma, mode, gx, gp)
+
+    def rows_op(h_, hp_, a_, g_, lens_, gamma, mode):
+        return ops.aggregate(padded_to_rows(h_, lens_), padded_to_rows(hp_, lens_), a_, g_, lens_, gamma=gamma,
+                             mode=mode, backend=backend)
+
+    got = run_aggregate(rows_op, h, hp, a, g, lens, gamma, mode, gx, gp)
+    for name, x, y in zip(AGGREGATE_OUTPUTS, got, want):
+        assert_close(name, x, y)
+    with pytest.raises(ValueError, match="rows for sessions of"):
+        ops.aggregate(h[0], hp[0], a, g, lens, backend=backend)
+
+
 @pytest.mark.parametrize("backend", backend_params("packed", "triton"))
 def test_one_output_used(backend):
     # only p_s reaches the loss: the backward gets dx_s = None and must treat it as zero

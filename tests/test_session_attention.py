@@ -227,6 +227,47 @@ def test_packed_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda q, k, v: session_attention_packed(q, k, v, lens, h, None), ins)
 
 
+# ---- the rows layout -----------------------------------------------------------------------
+@pytest.mark.parametrize("backend", backend_params("reference", "packed", "triton"))
+@pytest.mark.parametrize("b,L,d,h,dropout,seed", [(7, 19, 100, 1, True, 21), (5, 50, 64, 4, False, 22),
+                                                  (3, 1, 100, 2, True, 23), (6, 33, 32, 2, True, 24)])
+def test_rows_layout_is_the_padded_op_on_the_valid_rows(backend, b, L, d, h, dropout, seed):
+    """q, k, v as (N, d) rows (the valid clicks only, what the models pass): the output and
+    every gradient are the padded op's valid rows, for each backend (the packed one reads the
+    rows directly; the others see them padded)."""
+    from mtd_fast.ops.common import padded_to_rows
+
+    dev = device_for(backend)
+    q, k, v, lens, mask, go = attention_inputs(b, L, d, h, dropout, seed, dev)
+    lens = lens.clamp(max=L)
+    want = run_attention(session_attention_ref, q, k, v, lens, h, mask, go)
+    rows = [padded_to_rows(t, lens).detach().requires_grad_() for t in (q, k, v)]
+    out = ops.session_attention(*rows, lens, num_heads=h, dropout_mask=mask, backend=backend, width=L)
+    out.backward(padded_to_rows(go, lens))
+    assert out.shape == (int(lens.sum()), d)
+    if backend == "packed":
+        assert "PackedAttention" in out.grad_fn.name()
+    for name, x, y in zip(("out", "dq", "dk", "dv"), (out.detach(), *(t.grad for t in rows)), want):
+        assert_close(name, x, padded_to_rows(y, lens))
+
+
+def test_rows_layout_refuses_a_wrong_row_count():
+    q = torch.randn(9, 8)
+    with pytest.raises(ValueError, match="9 rows for sessions of 10 clicks"):
+        ops.session_attention(q, q, q, torch.tensor([4, 6]), width=6)
+    with pytest.raises(ValueError, match="session lengths must be in 1..6"):
+        ops.session_attention(q, q, q, torch.tensor([2, 7]), width=6)
+
+
+def test_packed_rows_gradcheck_float64():
+    gen = torch.Generator().manual_seed(1)
+    lens, L, d, h = torch.tensor([1, 6, 3, 2]), 6, 4, 2
+    ins = [torch.randn(int(lens.sum()), d, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    mask = (torch.rand(4, h, L, L, generator=gen) < 0.7).double() / 0.7
+    for m in (mask, None):
+        assert torch.autograd.gradcheck(lambda q, k, v: session_attention_packed(q, k, v, lens, h, m, width=L), ins)
+
+
 def test_packed_size_guard_sends_small_inputs_to_the_reference():
     q = torch.randn(3, 5, 8, requires_grad=True)
     lens = torch.tensor([1, 5, 2])

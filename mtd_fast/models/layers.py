@@ -114,10 +114,10 @@ class SelfAttentionBlock(nn.Module):
         mask = None
         if self.training and self.p > 0:
             mask = attention_dropout_mask(lengths, self.num_heads, L, self.p, x)
-        q, k, v = (packing.unpack(w(x)) for w in (self.wq, self.wk, self.wv))  # (B, L, d) each
+        q, k, v = (w(x) for w in (self.wq, self.wk, self.wv))  # (N, d) each: the rows layout
         att = ops.session_attention(q, k, v, lengths, num_heads=self.num_heads, dropout_mask=mask,
-                                    backend=self.backend)  # (B, L, d)
-        h1 = self.ln1(x + packing.pack(att))  # (N, d)
+                                    backend=self.backend, width=L)  # (N, d)
+        h1 = self.ln1(x + att)  # (N, d)
         ff = self.w2(F.dropout(F.relu(self.w1(h1)), self.p, self.training))
         out = self.ln2(h1 + F.dropout(ff, self.p, self.training))
         return packing.unpack(out) if dense_in else out

@@ -228,8 +228,8 @@ class MTD(SessionModel):
         else:  # MTD-va / MTD-at: raw item embeddings
             x = F.dropout(table.index_select(0, tokens), self.dropout_p, self.training)
         last = x[packing.last]  # x_t (B, d)
-        h, hp = packing.unpack(x), packing.unpack(self.att_item(x))  # (B, L, d) each, zero padding
-        x_s, p_s = ops.aggregate(h, hp, self.att_last(last), self.att_vec, lengths,
+        # the rows layout (N, d): the packed backend reads the clicks as they are
+        x_s, p_s = ops.aggregate(x, self.att_item(x), self.att_last(last), self.att_vec, lengths,
                                  gamma=self.gamma, mode=cfg.item_attention, backend=self.backend)
         parts = [last, x_s, p_s] if cfg.use_position_decay else [last, x_s]
         return F.dropout(self.combine(torch.cat(parts, dim=-1)), self.dropout_p, self.training)

@@ -95,9 +95,9 @@ class PreLNBlock(nn.Module):
             mask = None
             if self.training and self.p > 0:
                 mask = attention_dropout_mask(lengths, self.num_heads, L, self.p, x)
-            q, k, v = (packing.unpack(w(y)) for w in (self.wq, self.wk, self.wv))  # (B, L, d) each
-            att = packing.pack(ops.session_attention(q, k, v, lengths, num_heads=self.num_heads, dropout_mask=mask,
-                                                     backend=self.backend))  # causal, (N, d)
+            q, k, v = (w(y) for w in (self.wq, self.wk, self.wv))  # (N, d) each: the rows layout
+            att = ops.session_attention(q, k, v, lengths, num_heads=self.num_heads, dropout_mask=mask,
+                                        backend=self.backend, width=L)  # causal, (N, d)
         x = x + F.dropout(att, self.p, self.training)
         y = self.ln2(x)
         ff = self.w2(F.dropout(F.relu(self.w1(y)), self.p, self.training))

@@ -20,7 +20,16 @@ from typing import Union
 
 import torch
 
-from .common import check_lengths, position_index, segment_softmax, segment_sum, triton_devices, triton_usable
+from .common import (
+    check_lengths,
+    check_rows,
+    position_index,
+    rows_to_padded,
+    segment_softmax,
+    segment_sum,
+    triton_devices,
+    triton_usable,
+)
 from .dispatch import register, resolve
 
 __all__ = ["aggregate", "aggregate_ref", "aggregate_packed", "SMALL_AGGREGATE"]
@@ -31,10 +40,20 @@ def aggregate(h: torch.Tensor, hp: torch.Tensor, a: torch.Tensor, g: torch.Tenso
               backend=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attentive aggregation x_s and position-decay aggregation p_s, each (batch, dim).
 
-    h, hp: (batch, seq_len, dim); a: (batch, dim); g: (dim,). See `aggregate_ref`.
+    h, hp: (batch, seq_len, dim), or the rows layout (N, dim): the valid clicks of the
+    sessions one after the other, N = sum(lengths) (the packed backend reads them as they
+    are, the others padded); a: (batch, dim); g: (dim,). See `aggregate_ref`.
     """
-    check_lengths(lengths, h.shape[1], "aggregate")
     fn = resolve("aggregate", backend, h.device)
+    if h.dim() == 2:
+        width = int(lengths.max()) if lengths.numel() else 1
+        check_rows(h, lengths, width, "aggregate")
+        if hp.shape != h.shape:
+            raise ValueError(f"aggregate: h and hp must share one shape, got {tuple(h.shape)} and {tuple(hp.shape)}")
+        if fn is not aggregate_packed:
+            h, hp = rows_to_padded(h, lengths, width), rows_to_padded(hp, lengths, width)
+        return fn(h, hp, a, g, lengths, gamma=gamma, mode=mode)
+    check_lengths(lengths, h.shape[1], "aggregate")
     return fn(h, hp, a, g, lengths, gamma=gamma, mode=mode)
 
 
@@ -81,21 +100,28 @@ def aggregate_packed(h: torch.Tensor, hp: torch.Tensor, a: torch.Tensor, g: torc
                      gamma: Union[float, torch.Tensor] = 0.75, mode: str = "additive"):
     """Same signature and function as `aggregate_ref`, computed on the valid rows only.
 
-    h, hp: (batch, seq_len, dim); a: (batch, dim); g: (dim,); lengths: (batch,) >= 1;
-    gamma: float or 0-dim tensor. Returns x_s, p_s (batch, dim).
+    h, hp: (batch, seq_len, dim), or rows (N, dim) (see `aggregate`); a: (batch, dim);
+    g: (dim,); lengths: (batch,) >= 1; gamma: float or 0-dim tensor. Returns x_s, p_s
+    (batch, dim).
     """
     if mode not in ("additive", "product"):
         raise ValueError(f"unknown aggregation mode {mode!r}: use 'additive' or 'product'")
-    b, L, d = h.shape
-    if b * L < SMALL_AGGREGATE:
-        return aggregate_ref(h, hp, a, g, lengths, gamma=gamma, mode=mode)
     lengths = lengths.to(h.device)
-    valid = torch.arange(L, device=h.device)[None, :] < lengths[:, None]  # (B, L)
-    bidx, pidx = valid.nonzero(as_tuple=True)  # (N,) valid rows, grouped by session
-    flat = bidx * L + pidx
-    # row gathers (index_select: contiguous row copies; backward is one index_add)
-    hv = h.reshape(b * L, d).index_select(0, flat)  # (N, d)
-    hpv = hp.reshape(b * L, d).index_select(0, flat)
+    b = lengths.numel()
+    if h.dim() == 2:  # rows: already the valid clicks, session by session
+        bidx = torch.repeat_interleave(torch.arange(b, device=h.device), lengths)  # (N,)
+        pidx = torch.arange(h.shape[0], device=h.device) - (torch.cumsum(lengths, 0) - lengths).index_select(0, bidx)
+        hv, hpv = h, hp
+    else:
+        _, L, d = h.shape
+        if b * L < SMALL_AGGREGATE:
+            return aggregate_ref(h, hp, a, g, lengths, gamma=gamma, mode=mode)
+        valid = torch.arange(L, device=h.device)[None, :] < lengths[:, None]  # (B, L)
+        bidx, pidx = valid.nonzero(as_tuple=True)  # (N,) valid rows, grouped by session
+        flat = bidx * L + pidx
+        # row gathers (index_select: contiguous row copies; backward is one index_add)
+        hv = h.reshape(b * L, d).index_select(0, flat)  # (N, d)
+        hpv = hp.reshape(b * L, d).index_select(0, flat)
     av = a.index_select(0, bidx)
     act = torch.sigmoid(av + hpv) if mode == "additive" else torch.sigmoid(av * hpv)
     e = act @ g  # (N,)

@@ -9,7 +9,7 @@ import os
 import torch
 
 __all__ = ["check_lengths", "position_index", "triton_devices", "triton_usable", "interpreting", "segment_softmax",
-           "segment_sum", "normalize_rows", "permute_rows"]
+           "segment_sum", "normalize_rows", "permute_rows", "check_rows", "rows_to_padded", "padded_to_rows"]
 
 
 def interpreting() -> bool:
@@ -37,6 +37,34 @@ def check_lengths(lengths: torch.Tensor, width: int, op: str) -> None:
         if lo < 1 or hi > width:
             raise ValueError(f"{op}: session lengths must be in 1..{width} (the padded width), got {lo}..{hi}"
                              + ("; an empty session is an input error" if lo < 1 else ""))
+
+
+def check_rows(x: torch.Tensor, lengths: torch.Tensor, width: int, op: str) -> None:
+    """Inputs in the rows layout: x (N, dim), the valid clicks of the sessions one after the
+    other (row-major: session 0's clicks in order, then session 1's, ...), N = sum(lengths),
+    every length in 1..width. Checked on CPU tensors (the sum would sync a GPU)."""
+    if x.dim() != 2:
+        raise ValueError(f"{op}: rows must be (N, dim), got shape {tuple(x.shape)}")
+    check_lengths(lengths, width, op)
+    if lengths.device.type == "cpu" and int(lengths.sum()) != x.shape[0]:
+        raise ValueError(f"{op}: {x.shape[0]} rows for sessions of {int(lengths.sum())} clicks in all "
+                         "(the rows layout holds exactly the valid clicks, sum(lengths) rows)")
+
+
+def rows_to_padded(x: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(N, ...) rows -> (B, width, ...) left-aligned, zeros on padding."""
+    b = lengths.numel()
+    valid = torch.arange(width, device=x.device)[None, :] < lengths.to(x.device)[:, None]
+    flat = valid.reshape(-1).nonzero().squeeze(1)
+    out = x.new_zeros(b * width, *x.shape[1:]).index_copy(0, flat, x)
+    return out.view(b, width, *x.shape[1:])
+
+
+def padded_to_rows(y: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, L, ...) left-aligned -> (N, ...) the valid rows, row-major."""
+    b, width = y.shape[:2]
+    valid = torch.arange(width, device=y.device)[None, :] < lengths.to(y.device)[:, None]
+    return y.reshape(b * width, *y.shape[2:]).index_select(0, valid.reshape(-1).nonzero().squeeze(1))
 
 
 def position_index(lengths: torch.Tensor, width: int) -> torch.Tensor:

@@ -26,7 +26,10 @@ Sessions are grouped by width w = the next power of two >= length, at least _MIN
 attended with plain batched matmuls; one custom autograd Function with a hand-written
 backward, so the only full-size (batch, seq_len, dim) traffic is one zero-filled output
 and one zero-filled gradient per input (slicing under autograd instead materialised a
-full-size zero gradient per slice and was slower than the reference). Dropout masks are
+full-size zero gradient per slice and was slower than the reference). In the rows layout
+((N, dim): the valid clicks only, what the models pass) there is no full-size tensor at
+all: on Retailrocket, whose batches of 512 pad to ~150-250 clicks against ~9 per session,
+the padded buffers' fills and copies were a third of MTD's step. Dropout masks are
 supported exactly (the mask's slice is gathered with its group), unlike an SDPA route.
 
 Small inputs (SMALL_ATTENTION) go to the reference: there the per-group overhead costs
@@ -52,7 +55,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .common import check_lengths, triton_devices, triton_usable
+from .common import check_lengths, check_rows, padded_to_rows, rows_to_padded, triton_devices, triton_usable
 from .dispatch import register, resolve
 
 __all__ = ["session_attention", "session_attention_ref", "session_attention_packed", "session_attention_sdpa",
@@ -60,13 +63,27 @@ __all__ = ["session_attention", "session_attention_ref", "session_attention_pack
 
 
 def session_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, num_heads: int = 1,
-                      dropout_mask: Optional[torch.Tensor] = None, backend=None) -> torch.Tensor:
+                      dropout_mask: Optional[torch.Tensor] = None, backend=None,
+                      width: Optional[int] = None) -> torch.Tensor:
     """Causal key-padded attention over left-aligned sessions.
 
-    q, k, v: (batch, seq_len, dim); lengths: (batch,) >= 1; dropout_mask: optional
-    (batch, num_heads, seq_len, seq_len) scaled keep-mask. Returns (batch, seq_len, dim),
-    zero on padded query rows. See `session_attention_ref`.
+    q, k, v: (batch, seq_len, dim), or the rows layout (N, dim): the valid clicks of the
+    sessions one after the other, N = sum(lengths), with `width` the padded length the
+    dropout mask is laid out for (default: the mask's, else the longest session). lengths:
+    (batch,) >= 1; dropout_mask: optional (batch, num_heads, seq_len, seq_len) scaled
+    keep-mask. Returns the input's layout: (batch, seq_len, dim), zero on padded query
+    rows, or (N, dim). See `session_attention_ref`. The packed backend reads rows as they
+    are; the others see them padded (and give them back as rows).
     """
+    if q.dim() == 2:
+        if width is None:
+            width = dropout_mask.shape[-1] if dropout_mask is not None else int(lengths.max()) if lengths.numel() else 1
+        check_rows(q, lengths, width, "session_attention")
+        fn = resolve("session_attention", backend, q.device)
+        if fn is session_attention_packed:
+            return fn(q, k, v, lengths, num_heads=num_heads, dropout_mask=dropout_mask, width=width)
+        q, k, v = (rows_to_padded(t, lengths, width) for t in (q, k, v))
+        return padded_to_rows(fn(q, k, v, lengths, num_heads=num_heads, dropout_mask=dropout_mask), lengths)
     check_lengths(lengths, q.shape[1], "session_attention")
     fn = resolve("session_attention", backend, q.device)
     return fn(q, k, v, lengths, num_heads=num_heads, dropout_mask=dropout_mask)
@@ -139,26 +156,46 @@ def length_buckets(lengths: torch.Tensor, width: int, min_width: int = _MIN_WIDT
 
 
 class _PackedAttention(torch.autograd.Function):
+    """Length-bucketed attention on padded (B, L, d) or rows (N, d) inputs; the output and
+    the gradients have the input's layout. Each group gathers its sessions' first w rows
+    through one (n, w) row index (rows layout: positions past a session's end read an
+    appended zero row), and writes back the valid rows only."""
+
     @staticmethod
-    def forward(ctx, q, k, v, lengths, num_heads, dropout_mask):
-        b, L, d = q.shape
+    def forward(ctx, q, k, v, lengths, num_heads, dropout_mask, width):
+        rows = q.dim() == 2
+        d = q.shape[-1]
+        b, L = (lengths.numel(), width) if rows else q.shape[:2]
         h = num_heads
         dh = d // h
         scale = 1.0 / math.sqrt(dh)
         lengths = lengths.to(q.device)
-        out = q.new_zeros(b, L, d)
+        n_rows = q.shape[0] if rows else b * L
+        starts = torch.cumsum(lengths, 0) - lengths if rows else None
+
+        def flat(t):  # (rows + 1 zero row) or the padded batch as (B * L, d)
+            return torch.cat([t, t.new_zeros(1, d)]) if rows else t.reshape(b * L, d)
+
+        qf, kf, vf = flat(q), flat(k), flat(v)
+        out = q.new_empty(n_rows, d) if rows else q.new_zeros(n_rows, d)
         mask_full = None if dropout_mask is None else dropout_mask.expand(b, h, L, L)
         groups = []
         for idx, w in length_buckets(lengths, L, _MIN_WIDTH):
             n = idx.numel()
-
-            def gather(t):  # (n, h, w, dh), a copy of the group's first w rows only
-                return t[:, :w].index_select(0, idx).view(n, w, h, dh).transpose(1, 2)
-
-            qb, kb, vb = gather(q), gather(k), gather(v)
-            lens_b = lengths.index_select(0, idx)
             ar = torch.arange(w, device=q.device)
+            lens_b = lengths.index_select(0, idx)
             valid = ar[None, :] < lens_b[:, None]  # (n, w) valid query rows
+            if rows:
+                index = torch.where(valid, starts.index_select(0, idx)[:, None] + ar, n_rows).reshape(-1)
+            else:
+                index = (idx[:, None] * L + ar).reshape(-1)
+            live = valid.reshape(-1).nonzero().squeeze(1)  # (m,) the group's valid rows in (n * w)
+            dst = index.index_select(0, live)  # where they go
+
+            def gather(t):  # (n, h, w, dh)
+                return t.index_select(0, index).view(n, w, h, dh).transpose(1, 2)
+
+            qb, kb, vb = gather(qf), gather(kf), gather(vf)
             # causal; a padded query row may see key 0 so no row is fully masked (no NaN);
             # its weights are then zeroed, as the reference's rows of padded queries
             allowed = (ar[None, :] <= ar[:, None])[None] & (valid[:, :, None] | (ar == 0)[None, None, :])
@@ -167,49 +204,66 @@ class _PackedAttention(torch.autograd.Function):
             p = torch.softmax(s, dim=-1) * valid[:, None, :, None].to(s.dtype)
             m = None if mask_full is None else mask_full[:, :, :w, :w].index_select(0, idx).to(p.dtype)
             pd = p if m is None else p * m
-            o = pd @ vb  # (n, h, w, dh)
-            out[:, :w].index_copy_(0, idx, o.transpose(1, 2).reshape(n, w, d))
-            groups.append((idx, w, qb, kb, vb, p, m))
+            o = (pd @ vb).transpose(1, 2).reshape(n * w, d)  # (n * w, d)
+            out.index_copy_(0, dst, o.index_select(0, live))
+            groups.append((index, live, dst, n, w, qb, kb, vb, p, m))
         # group copies are intermediates (not inputs/outputs), kept on ctx; together they are
         # about the size of the valid part of q, k, v
         ctx.groups = groups
-        ctx.shape = (b, L, d, h, dh, scale)
-        return out
+        ctx.shape = (rows, n_rows, b, L, d, h, dh, scale)
+        return out if rows else out.view(b, L, d)
 
     @staticmethod
     def backward(ctx, dout):
-        b, L, d, h, dh, scale = ctx.shape
+        rows, n_rows, b, L, d, h, dh, scale = ctx.shape
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        dq = dout.new_zeros(b, L, d) if need_q else None
-        dk = dout.new_zeros(b, L, d) if need_k else None
-        dv = dout.new_zeros(b, L, d) if need_v else None
-        for idx, w, qb, kb, vb, p, m in ctx.groups:
-            n = idx.numel()
-            do = dout[:, :w].index_select(0, idx).view(n, w, h, dh).transpose(1, 2)
+        dflat = torch.cat([dout, dout.new_zeros(1, d)]) if rows else dout.reshape(b * L, d)
+
+        def grad_buffer():  # rows: every row is written by its group; padded: zero on padding
+            return (dout.new_empty(n_rows, d) if rows else dout.new_zeros(n_rows, d))
+
+        dq = grad_buffer() if need_q else None
+        dk = grad_buffer() if need_k else None
+        dv = grad_buffer() if need_v else None
+
+        def put(buf, x, live, dst, n, w):  # x (n, h, w, dh) -> the group's valid rows of buf
+            buf.index_copy_(0, dst, x.transpose(1, 2).reshape(n * w, d).index_select(0, live))
+
+        for index, live, dst, n, w, qb, kb, vb, p, m in ctx.groups:
+            do = dflat.index_select(0, index).view(n, w, h, dh).transpose(1, 2)
             if need_v:
                 pd = p if m is None else p * m
-                dv[:, :w].index_copy_(0, idx, (pd.transpose(-1, -2) @ do).transpose(1, 2).reshape(n, w, d))
+                put(dv, pd.transpose(-1, -2) @ do, live, dst, n, w)
             if need_q or need_k:
                 dp = do @ vb.transpose(-1, -2)
                 if m is not None:
                     dp = dp * m
                 ds = p * (dp - (p * dp).sum(-1, keepdim=True)) * scale
                 if need_q:
-                    dq[:, :w].index_copy_(0, idx, (ds @ kb).transpose(1, 2).reshape(n, w, d))
+                    put(dq, ds @ kb, live, dst, n, w)
                 if need_k:
-                    dk[:, :w].index_copy_(0, idx, (ds.transpose(-1, -2) @ qb).transpose(1, 2).reshape(n, w, d))
-        return dq, dk, dv, None, None, None
+                    put(dk, ds.transpose(-1, -2) @ qb, live, dst, n, w)
+        if not rows:
+            dq, dk, dv = (None if t is None else t.view(b, L, d) for t in (dq, dk, dv))
+        return dq, dk, dv, None, None, None, None
 
 
 def session_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-                             num_heads: int = 1, dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                             num_heads: int = 1, dropout_mask: Optional[torch.Tensor] = None,
+                             width: Optional[int] = None) -> torch.Tensor:
     """Same signature and function as `session_attention_ref`, computed per length group.
 
-    q, k, v: (batch, seq_len, dim); lengths: (batch,) >= 1; dropout_mask: optional
-    (batch, num_heads, seq_len, seq_len) scaled keep-mask. Returns (batch, seq_len, dim),
-    zero on padded query rows. No gradient for dropout_mask (a sampled constant).
+    q, k, v: (batch, seq_len, dim), or rows (N, dim) with `width` (see `session_attention`);
+    lengths: (batch,) >= 1; dropout_mask: optional (batch, num_heads, seq_len, seq_len)
+    scaled keep-mask. Returns the input's layout, zero on padded query rows. No gradient for
+    dropout_mask (a sampled constant).
     """
-    b, L, d = q.shape
+    rows = q.dim() == 2
+    d = q.shape[-1]
+    if rows:
+        b, L = lengths.numel(), (width if width is not None else int(lengths.max()) if lengths.numel() else 1)
+    else:
+        b, L = q.shape[:2]
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"session_attention: q, k, v must share one shape, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -220,9 +274,15 @@ def session_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if dropout_mask is not None and dropout_mask.dim() != 4:
         raise ValueError(f"session_attention: dropout_mask must be (batch, num_heads, seq_len, seq_len), "
                          f"got {tuple(dropout_mask.shape)}")
+    if rows:
+        check_rows(q, lengths, L, "session_attention")
     if b * L * L < SMALL_ATTENTION:
-        return session_attention_ref(q, k, v, lengths, num_heads=num_heads, dropout_mask=dropout_mask)
-    return _PackedAttention.apply(q, k, v, lengths, num_heads, dropout_mask)
+        if not rows:
+            return session_attention_ref(q, k, v, lengths, num_heads=num_heads, dropout_mask=dropout_mask)
+        q, k, v = (rows_to_padded(t, lengths, L) for t in (q, k, v))
+        out = session_attention_ref(q, k, v, lengths, num_heads=num_heads, dropout_mask=dropout_mask)
+        return padded_to_rows(out, lengths)
+    return _PackedAttention.apply(q, k, v, lengths, num_heads, dropout_mask, L)
 
 
 # ---- SDPA (a peer for the benches) ----------------------------------------------------------
