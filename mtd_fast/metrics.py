@@ -118,10 +118,12 @@ def _count_pass(q, table, col, s_t, cols, exact_out):
     for c0 in range(0, m, cols):
         c1 = min(m, c0 + cols)
         sc = torch.mm(q, table[c0:c1].t(), out=buf[:, :c1 - c0])
-        greater += (c1 - c0) - (sc <= st).sum(1)  # NaN scores are not <= anything: counted above
+        # counts summed in int32 (a chunk has < 2**31 columns): a bool sum defaults to int64,
+        # a cast of the whole chunk that took longer than the comparison itself
+        greater += (c1 - c0) - (sc <= st).sum(1, dtype=torch.int32)  # NaN scores are not <= anything: above
         eq = sc == st
         # ids below the target: the whole chunk for targets past it, a prefix where it straddles
-        ties += torch.where(col >= c1, eq.sum(1), 0)
+        ties += torch.where(col >= c1, eq.sum(1, dtype=torch.int32), 0)
         inside = ((col >= c0) & (col < c1)).nonzero().squeeze(1)
         if inside.numel():
             rel = col[inside] - c0
