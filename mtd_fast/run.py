@@ -182,9 +182,11 @@ class Run:
             check_finite(state["model"], where)
             net.load_state_dict(state["model"])
             try:
-                opt.load_state_dict(state["opt"])
-                if opt_g is not None:
-                    opt_g.load_state_dict(state["opt_g"])
+                for o, saved in ((opt, state["opt"]), (opt_g, state["opt_g"])):
+                    if o is not None:
+                        fused = o.param_groups[0].get("fused") if o.param_groups else None
+                        o.load_state_dict(saved)
+                        self.trainer.keep_fused(o, fused)
             except (ValueError, KeyError, TypeError) as exc:
                 raise RunDirError(f"{where}: the optimizer state does not fit this model ({exc})") from None
             self.history = list(state["history"])
@@ -240,7 +242,7 @@ class Run:
             self.say(f"[{net.name}] global graph: {graph.num_nodes} nodes, {graph.nnz} nonzeros of A+I "
                      f"({graph_build_s:.2f}s, {used['global_graph']})")
         rec_params = net.rec_parameters()
-        opt = torch.optim.Adam(rec_params, lr=tcfg.lr)
+        opt = tr.adam(rec_params, lr=tcfg.lr)
         opt_g, every_step = tr.graph_side(net, graph, tcfg, seed=self.seed)
         rng = np.random.default_rng(self.seed)
         if resume_state is not None:

@@ -154,3 +154,44 @@ def test_num_threads_applies_to_the_run_only(synthetic):
     before = torch.get_num_threads()
     mtd_fast.train(synthetic, epochs=1, num_threads=1, max_steps_per_epoch=1, graph_phases=0, **FAST)
     assert torch.get_num_threads() == before
+
+
+def test_fused_adam_step_advances_versions_so_the_table_cache_follows(synthetic):
+    """The trainer's Adam is fused on the CPU, and torch's fused step writes the weights
+    without advancing their version counters; `adam` advances them, so MTD's cached
+    evaluation table follows every step (a stale one scored the first test of this file)."""
+    from mtd_fast.ops import global_graph
+    from mtd_fast.train import adam
+
+    net = mtd_fast.MTD(synthetic.n_items, mtd_fast.MTDConfig(hidden_size=8))
+    net.set_graph(global_graph(synthetic.train_sessions, synthetic.n_items))
+    opt = adam(net.parameters(), lr=0.1)
+    assert all(g["fused"] for g in opt.param_groups)
+    with torch.no_grad():
+        before = net.item_table().clone()
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    versions = [p._version for p in net.parameters()]
+    opt.step()
+    assert all(p._version > v for p, v in zip(net.parameters(), versions))
+    with torch.no_grad():
+        after = net.item_table()
+        assert not torch.equal(after, before) and torch.equal(after, net.propagate()[0])
+
+
+def test_resumed_optimizer_keeps_the_fused_step():
+    """A checkpoint saved by the unfused Adam (runs from before `adam`) carries fused=None in
+    its param groups; after loading it the trainer's optimizer is fused again, same state."""
+    from mtd_fast.train import adam, keep_fused
+
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    old = torch.optim.Adam([p], lr=1e-3)
+    p.grad = torch.randn(4, 3)
+    old.step()
+    new = adam([p], lr=1e-3)
+    new.load_state_dict(old.state_dict())
+    assert not new.param_groups[0]["fused"]
+    keep_fused(new, True)
+    assert new.param_groups[0]["fused"]
+    assert torch.equal(new.state[p]["exp_avg"], old.state[p]["exp_avg"])
+    new.step()  # the fused kernel runs on the loaded state
