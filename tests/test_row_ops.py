@@ -97,3 +97,34 @@ def test_mtd_multitask_loss_gradients_unchanged_by_the_row_ops(monkeypatch):
     assert grads.keys() == plain_grads.keys() and "item_emb.weight" in grads
     for name in grads:
         torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("kw", [dict(num_gcn_layers=1), dict(num_gcn_layers=2), dict(graph_encoder="gat"),
+                                dict(residual_form="light", num_gcn_layers=2)])
+def test_dgi_pair_shares_the_first_layer_product_and_is_the_two_passes(kw):
+    """graph_output_pair(h0, perm) = (graph_output(h0), graph_output(h0[perm])): values and the
+    gradients of every input and weight (float64), whatever the encoder shares."""
+    ds = load_dataset("synthetic", n_items=60, n_sessions=300, seed=6)
+    torch.manual_seed(7)
+    net = MTD(ds.n_items, MTDConfig(hidden_size=12, **kw)).double()
+    net.set_graph(global_graph(ds.train_sessions, ds.n_items))
+    n = net.graph.num_nodes
+    perm = torch.randperm(n)
+    gen = torch.Generator().manual_seed(8)
+    g1, g2 = torch.randn(n, 12, generator=gen, dtype=torch.float64), torch.randn(n, 12, generator=gen,
+                                                                                 dtype=torch.float64)
+
+    def grads(pair: bool):
+        net.zero_grad(set_to_none=True)
+        h0 = torch.randn(n, 12, generator=torch.Generator().manual_seed(9), dtype=torch.float64).requires_grad_()
+        if pair:
+            h, hn = net.graph_output_pair(h0, perm)
+        else:
+            h, hn = net.graph_output(h0), net.graph_output(h0[perm])
+        ((h * g1).sum() + (hn * g2).sum()).backward()
+        return [h.detach(), hn.detach(), h0.grad] + [p.grad for p in net.gnn.parameters() if p.grad is not None]
+
+    got, want = grads(True), grads(False)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

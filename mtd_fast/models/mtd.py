@@ -58,7 +58,11 @@ class GCNLayer(nn.Module):
         self.backend = backend
 
     def forward(self, h: torch.Tensor, graph) -> torch.Tensor:
-        return torch.tanh(self.ln(ops.spmm(graph, self.weight(h), norm=self.norm, backend=self.backend)))
+        return self.from_projected(self.weight(h), graph)
+
+    def from_projected(self, hw: torch.Tensor, graph) -> torch.Tensor:
+        """The layer given H W already computed: tanh(LN(A_hat (H W)))."""
+        return torch.tanh(self.ln(ops.spmm(graph, hw, norm=self.norm, backend=self.backend)))
 
 
 class GATLayer(nn.Module):
@@ -183,21 +187,35 @@ class MTD(SessionModel):
             return acc / (cfg.num_gcn_layers + 1)
         return self.graph_encode(h0, self.graph)
 
+    def graph_output_pair(self, h0: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(graph_output(h0), graph_output(h0[perm])): DGI's real and corrupted passes. The GCN
+        encoder shares its first layer's product: (h0[perm]) W = (h0 W)[perm], so h0 W and its
+        backward run once, not twice (3 of the step's 43k x 100 x 100 matmuls on Diginetica)."""
+        cfg = self.config
+        if cfg.graph_mode == "residual" and cfg.residual_form == "light":
+            return self.graph_output(h0), self.graph_output(permute_rows(h0, perm))
+        return self.graph_encode_pair(h0, perm, self.graph)
+
     def propagate(self) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(T (M+1, d) the item table for session items and candidates, H^0 = E[nodes] (N, d),
         H = graph_output(H^0) (N, d)); H^0 and H are None when no graph is read per step."""
+        return self._propagate(None)[:3]
+
+    def _propagate(self, perm: Optional[torch.Tensor]):
+        """`propagate`'s (T, H^0, H) and, with a corruption `perm`, H~ = graph_output(H^0[perm])
+        (else None), the two passes sharing what they can (`graph_output_pair`)."""
         emb = self.item_emb.weight
         if not self.graph_per_step:
-            return emb, None, None
+            return emb, None, None, None
         nodes = self.graph.torch_tensors(emb.device).nodes
         h0 = emb.index_select(0, nodes)
-        h = self.graph_output(h0)
+        h, h_neg = self.graph_output_pair(h0, perm) if perm is not None else (self.graph_output(h0), None)
         if self.config.graph_mode == "joint":
-            return emb, h0, h  # the DGI term reads H; the recommender reads E itself
+            return emb, h0, h, h_neg  # the DGI term reads H; the recommender reads E itself
         if self.config.residual_form == "light":
-            return emb.index_copy(0, nodes, h.to(emb.dtype)), h0, h  # T[nodes] = layer mean (incl. E)
+            return emb.index_copy(0, nodes, h.to(emb.dtype)), h0, h, h_neg  # T[nodes] = layer mean (incl. E)
         branch = F.dropout(h, self.config.graph_dropout, self.training) if self.config.graph_dropout else h
-        return emb.index_add(0, nodes, branch.to(emb.dtype)), h0, h  # T[nodes] = E[nodes] + GCN(E[nodes])
+        return emb.index_add(0, nodes, branch.to(emb.dtype)), h0, h, h_neg  # T[nodes] = E[nodes] + GCN(E[nodes])
 
     def item_table(self) -> torch.Tensor:
         """The (M+1, d) table the recommender reads: E, or the propagated table of
@@ -252,14 +270,15 @@ class MTD(SessionModel):
         DGI BCE (mean over the 2N real and corrupted rows), one propagation shared by both.
         `perm` (N,): the corruption's row permutation (default: torch.randperm). Returns
         (loss, the DGI term or None)."""
-        table, h0, h = self.propagate()
+        dgi_on = self.graph_per_step and graph_weight != 0
+        if dgi_on and perm is None:
+            perm = torch.randperm(self.graph.num_nodes, device=self.item_emb.weight.device)
+        table, _, h, h_neg = self._propagate(perm if dgi_on else None)
         q, cand = self.score_parts(batch, table)
         rec = self.parts_loss(q, cand, self._check_targets(targets))
-        if h is None or graph_weight == 0:
+        if not dgi_on:
             return rec, None
-        if perm is None:
-            perm = torch.randperm(h0.shape[0], device=h0.device)
-        dgi = self.dgi_bce(h, self.graph_output(permute_rows(h0, perm)))
+        dgi = self.dgi_bce(h, h_neg)
         return rec + graph_weight * dgi, dgi
 
     # ---- inter-session encoder -------------------------------------------------------------
@@ -268,6 +287,17 @@ class MTD(SessionModel):
         for layer in self.gnn:
             h = layer(h, graph)
         return h
+
+    def graph_encode_pair(self, h0: torch.Tensor, perm: torch.Tensor, graph) -> tuple[torch.Tensor, torch.Tensor]:
+        """(graph_encode(h0), graph_encode(h0[perm])), the GCN's first-layer product shared."""
+        if self.config.graph_encoder != "gcn":
+            return self.graph_encode(h0, graph), self.graph_encode(permute_rows(h0, perm), graph)
+        first = self.gnn[0]
+        hw = first.weight(h0)
+        h, h_neg = first.from_projected(hw, graph), first.from_projected(permute_rows(hw, perm), graph)
+        for layer in self.gnn[1:]:
+            h, h_neg = layer(h, graph), layer(h_neg, graph)
+        return h, h_neg
 
     def dgi_loss(self, graph, h0: Optional[torch.Tensor] = None,
                  perm: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,8 +310,8 @@ class MTD(SessionModel):
             h0 = self.item_emb.weight.detach().index_select(0, nodes)
         if perm is None:
             perm = torch.randperm(h0.shape[0], device=h0.device)
-        h = self.graph_encode(h0, graph)  # (N, d)
-        return self.dgi_bce(h, self.graph_encode(permute_rows(h0, perm), graph)), h
+        h, h_neg = self.graph_encode_pair(h0, perm, graph)  # (N, d) each
+        return self.dgi_bce(h, h_neg), h
 
     def dgi_bce(self, h: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
         """DGI discriminator loss: readout c = sigmoid(mean H), D(x) = c^T W_D x, mean BCE with
