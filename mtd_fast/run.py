@@ -137,6 +137,7 @@ class Run:
         found = self.dist.on_main(load)
         if found is None:
             self.say(f"[{self.model_name}] resume: {run.path} holds no checkpoint yet; starting from the beginning")
+            self.dist.on_main(lambda: run.note_resume(0, provenance(self.api_call)))  # this code trains epoch 1 on
             return None
         state, path = found
         self.checkpoint_file = str(path)

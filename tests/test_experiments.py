@@ -266,6 +266,33 @@ def test_table2_targets_and_capped_runs_are_computed_from_the_files():
     assert "epochs cap while still improving (not converged): MTD." in yoo and "MTD-lo" in yoo.split("not finished")[1]
 
 
+def test_run_interrupted_before_its_first_checkpoint_records_who_trained_epoch_1(tmp_path, monkeypatch):
+    """A run directory with run.json and no checkpoint (a crash in epoch 1) restarts from the
+    beginning; the restarting process is noted in run.json (after_epoch 0), so code_versions
+    names the code that trained epoch 1, not the one that only made the folder."""
+    import mtd_fast.rundir as rundir_module
+
+    s = spec("stamp", epochs=2)
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        interrupt_at(m, 1)  # the very first step: no checkpoint yet
+        with pytest.raises(Interrupt):
+            run_all([s], out, quiet=True)
+    partial = runner.partial_path(out, s)
+    assert (partial / "run.json").is_file() and not (partial / "checkpoint_last.pt").exists()
+    record = json.loads((partial / "run.json").read_text())
+    record["commit"] = "0" * 40  # as if another checkout had made the folder
+    (partial / "run.json").write_text(json.dumps(record))
+    notes = []
+    real_note = rundir_module.RunDir.note_resume
+    monkeypatch.setattr(rundir_module.RunDir, "note_resume",
+                        lambda self, done, prov: notes.append(done) or real_note(self, done, prov))
+    rec = run_all([s], out, quiet=True)[0]
+    assert notes == [0]
+    assert [v["from_epoch"] for v in rec["code_versions"]] == [1]
+    assert rec["code_versions"][0]["commit"] == rec["commit"] != "0" * 40
+
+
 def test_publish_copies_finished_files_merges_and_rewrites_the_readme_block(tmp_path, monkeypatch):
     results, figures = tmp_path / "results", tmp_path / "figures"
     run_all([spec("pop"), spec("stamp")], results / "table2", quiet=True)
