@@ -87,6 +87,18 @@ class Packing:
         return out.view(self.batch, self.width, x.shape[-1])
 
 
+def rows_self_attention(block: nn.Module, x: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """Causal self-attention of a block with projections wq, wk, wv (no biases), `num_heads`,
+    attention dropout `p` and `backend`, over the batch's valid tokens x (N, d) (the rows
+    layout of `ops.session_attention`; `width` the padded length) -> (N, d)."""
+    mask = None
+    if block.training and block.p > 0:
+        mask = attention_dropout_mask(lengths, block.num_heads, width, block.p, x)
+    q, k, v = (w(x) for w in (block.wq, block.wk, block.wv))  # (N, d) each
+    return ops.session_attention(q, k, v, lengths, num_heads=block.num_heads, dropout_mask=mask,
+                                 backend=block.backend, width=width)
+
+
 class SelfAttentionBlock(nn.Module):
     """Post-LN transformer block of the spec (no Q/K/V biases, no output projection)."""
 
@@ -110,14 +122,7 @@ class SelfAttentionBlock(nn.Module):
         if dense_in:
             packing = Packing(lengths, x.shape[1])
             x = packing.pack(x)
-        L = packing.width
-        mask = None
-        if self.training and self.p > 0:
-            mask = attention_dropout_mask(lengths, self.num_heads, L, self.p, x)
-        q, k, v = (w(x) for w in (self.wq, self.wk, self.wv))  # (N, d) each: the rows layout
-        att = ops.session_attention(q, k, v, lengths, num_heads=self.num_heads, dropout_mask=mask,
-                                    backend=self.backend, width=L)  # (N, d)
-        h1 = self.ln1(x + att)  # (N, d)
+        h1 = self.ln1(x + rows_self_attention(self, x, lengths, packing.width))  # (N, d)
         ff = self.w2(F.dropout(F.relu(self.w1(h1)), self.p, self.training))
         out = self.ln2(h1 + F.dropout(ff, self.p, self.training))
         return packing.unpack(out) if dense_in else out

@@ -55,11 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
 from ..config import MTDConfig
 from ..ops.common import position_index
 from .base import Batch, SessionModel
-from .layers import LN_EPS, Packing, attention_dropout_mask, dropout_mask, segment_softmax, segment_sum
+from .layers import LN_EPS, Packing, dropout_mask, rows_self_attention, segment_softmax, segment_sum
 
 __all__ = ["SASRec", "PreLNBlock"]
 
@@ -91,13 +90,7 @@ class PreLNBlock(nn.Module):
             att = self._last_query_attention(y, packing)  # (B, d)
             x = x[packing.last]
         else:
-            L = packing.width
-            mask = None
-            if self.training and self.p > 0:
-                mask = attention_dropout_mask(lengths, self.num_heads, L, self.p, x)
-            q, k, v = (w(y) for w in (self.wq, self.wk, self.wv))  # (N, d) each: the rows layout
-            att = ops.session_attention(q, k, v, lengths, num_heads=self.num_heads, dropout_mask=mask,
-                                        backend=self.backend, width=L)  # causal, (N, d)
+            att = rows_self_attention(self, y, lengths, packing.width)  # causal, (N, d)
         x = x + F.dropout(att, self.p, self.training)
         y = self.ln2(x)
         ff = self.w2(F.dropout(F.relu(self.w1(y)), self.p, self.training))
