@@ -51,7 +51,7 @@ def test_step_time_smoke(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["model"] for r in rows] == ["srgnn", "narm"]
-    assert all(r["step_s"] > 0 and r["batch_cpu_s"] > 0 for r in rows)
+    assert all(r["step_s"] > 0 and r["step_cpu_s"] > 0 and r["batch_cpu_s"] > 0 for r in rows)
 
 
 def test_graph_branch_smoke(tmp_path):
@@ -88,3 +88,14 @@ def test_publish_table2_smoke(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert res.stdout.startswith("copied 2:") and "| STAMP |" in readme.read_text()
     assert len(list((tmp_path / "figures" / "table2").glob("*.json"))) == 2
+
+
+def test_item_table_ops_smoke(tmp_path):
+    """benches/item_table_ops.py (the item-table pieces of a step against the forms they
+    replaced; run by hand) on synthetic data: the equality checks and one timing round."""
+    script = Path(__file__).resolve().parent / "item_table_ops.py"
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         env=dict(os.environ, MTD_BENCH_SMOKE="1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert [line.split(":")[0] for line in res.stdout.splitlines()] == ["normalize", "permute", "dgi_pair", "adam",
+                                                                         "rank_count"]

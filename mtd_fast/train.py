@@ -343,7 +343,7 @@ class _Adam(torch.optim.Adam):
 def adam(params, lr: float) -> torch.optim.Adam:
     """Adam with torch's fused kernel where every parameter allows it (floating point, on the
     CPU or CUDA): one pass per tensor instead of one per elementwise op. On a 43k x 100 item
-    table (plus two small tensors) a step took 6-8 ms against 21-39 ms (1 thread); the
+    table (plus two small tensors) a step took 5 ms against 15 ms (1 thread, benches/item_table_ops.py); the
     result differs from the unfused step in the last bit (about 1e-7), so a run is still
     deterministic but not bit-identical to one made before this choice."""
     params = list(params)
@@ -486,10 +486,10 @@ def _determinism(flag: Optional[bool], device: str):
 
     torch's deterministic mode also fills every fresh `torch.empty` with NaN
     (`torch.utils.deterministic.fill_uninitialized_memory`), a guard against kernels that read
-    memory they did not write. It is switched off for the run: on MTD's Diginetica step it was
-    about 50 of 570 ms (item-table-sized LayerNorm, SpMM and gradient buffers filled and then
-    overwritten), and the guard is what tests are for (tests/test_determinism.py: identical
-    runs give identical weights, with it off).
+    memory they did not write. It is switched off for the run: on MTD's Diginetica step it
+    filled several item-table-sized LayerNorm, SpMM and gradient buffers per step that the
+    kernels then overwrite (torch.profiler), and the guard is what tests are for
+    (tests/test_determinism.py: identical runs give identical weights, with it off).
     """
     cuda = device.startswith("cuda")
     on = (not cuda) if flag is None else flag

@@ -110,7 +110,7 @@ class _NormalizeRows(torch.autograd.Function):
 def normalize_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """`F.normalize(x, dim=-1, eps=eps)` (x / max(|x|, eps) per row), same values and
     gradient, in about half the passes over x: on a 43k x 100 item table forward + backward
-    took 18-20 ms against 45 ms (1 thread), and MTD normalizes its whole candidate table at
+    took 18 ms against 40 ms (1 thread, benches/item_table_ops.py), and MTD normalizes its whole candidate table at
     every step. Tested against F.normalize, zero and tiny rows included."""
     return _NormalizeRows.apply(x, eps)
 
@@ -130,7 +130,7 @@ class _PermuteRows(torch.autograd.Function):
 def permute_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """x[perm] for a permutation `perm` of x's rows, whose gradient is a gather by the inverse
     permutation instead of a zero fill and an accumulating scatter: DGI's corrupted features
-    (42,884 x 100 on Diginetica) forward + backward in 11 ms against 34-44 ms (1 thread), and
+    (42,884 x 100 on Diginetica) forward + backward in 9 ms against 28 ms (1 thread, benches/item_table_ops.py), and
     deterministic at any thread count. Raises ValueError when `perm` is not a permutation of
     range(len(x)) (the inverse would be wrong, and so would the gradient)."""
     n = x.shape[0]
