@@ -6,7 +6,9 @@ table2.md (tests/test_readme.py checks that block verbatim).
 
     python benches/publish_table2.py --from /path/to/results [--figures benches/figures] [--readme README.md]
 
-Corrupt or partial files are left where they are and listed. The README's prose around the
+Corrupt or partial files are left where they are and listed, and so is a file that would
+replace a published one made with another setting (a 3-epoch run over a converged one)
+unless --force. The README's prose around the
 block (what the runs show, which targets are missed and by how much) is still written by hand.
 """
 from __future__ import annotations
@@ -24,8 +26,10 @@ def main(argv=None) -> int:
     ap.add_argument("--from", dest="source", required=True, help="the --out folder of the table2 runs")
     ap.add_argument("--figures", default=str(ROOT / "benches" / "figures"))
     ap.add_argument("--readme", default=str(ROOT / "README.md"), help="'' to leave the README alone")
+    ap.add_argument("--force", action="store_true",
+                    help="replace a published file even when it was made with another setting (epochs cap, overrides)")
     args = ap.parse_args(argv)
-    res = publish(Path(args.source), Path(args.figures), Path(args.readme) if args.readme else None)
+    res = publish(Path(args.source), Path(args.figures), Path(args.readme) if args.readme else None, force=args.force)
     print(f"copied {len(res['copied'])}: {', '.join(res['copied']) or '-'}")
     for name, problem in res["skipped"].items():
         print(f"skipped {name}: {problem}")

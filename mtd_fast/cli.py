@@ -341,7 +341,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .data.store import DataError
     from .distributed import DistError
     from .ops.dispatch import BackendError
+    from .provenance import source_commit
 
+    source_commit()  # the checkout as this process starts (cached): a commit made while it runs is not its code
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by experiments as the exact command
     args.hard_exit = False

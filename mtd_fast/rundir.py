@@ -106,6 +106,15 @@ def dataset_identity(ds) -> dict[str, Any]:
     return ident
 
 
+def _same_data(old: Any, new: Any) -> bool:
+    """True when two `dataset_identity` records hold the same data: equal content hash and
+    source-file hashes. Then only the folder's spelling differs (relative or absolute path,
+    another working directory, a link), which must not throw a partial run away."""
+    if not (isinstance(old, Mapping) and isinstance(new, Mapping)) or not old.get("content_sha256"):
+        return False
+    return all(old.get(k) == new.get(k) for k in ("content_sha256", "files_sha256"))
+
+
 def _with_new_defaults(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """`old` with every config field that a later version of mtd_fast added filled in, where
     the resuming run has it at its default: a new option defaults to the old behaviour, so a
@@ -197,9 +206,11 @@ class RunDir:
         record["resumes"] = [*record.get("resumes", []), entry]
         _atomic_bytes(f, _json_bytes(record))
 
-    def code_versions(self) -> list[dict[str, Any]]:
+    def code_versions(self, epochs_run: Optional[int] = None) -> list[dict[str, Any]]:
         """[{"from_epoch", "commit", "commit_dirty"}]: the code that trained each stretch of epochs,
-        from run.json (the start and every resumption; consecutive equal commits merged)."""
+        from run.json (the start and every resumption; consecutive equal commits merged). With
+        `epochs_run`, a resumption after the last epoch (one that only finished the run: the
+        final test of a run that had already stopped) is left out: it trained no epoch."""
         record = json.loads((self.path / RUN_FILE).read_text())
         out: list[dict[str, Any]] = []
         for start, r in [(1, record), *((e["after_epoch"] + 1, e) for e in record.get("resumes", []))]:
@@ -207,7 +218,7 @@ class RunDir:
             out = [v for v in out if v["from_epoch"] < start]  # a resume from an earlier checkpoint redoes epochs
             if not out or {k: out[-1][k] for k in version} != version:
                 out.append({"from_epoch": start, **version})
-        return out
+        return [v for v in out if epochs_run is None or v["from_epoch"] <= max(epochs_run, 1)]
 
     def check_identity(self, identity: dict[str, Any]) -> None:
         """Refuse to resume a run made with another config, dataset, backend or world size."""
@@ -219,7 +230,8 @@ class RunDir:
         check_format(record, RUN_FORMAT, RUN_VERSION, f"resume: {f}:", "run record", RunDirError)
         old = {k: v for k, v in (record.get("identity") or {}).items() if k not in _MAY_CHANGE}
         new = {k: v for k, v in json.loads(json.dumps(identity, default=str)).items() if k not in _MAY_CHANGE}
-        diffs = _differences(_with_new_defaults(old, new), new)
+        diffs = [d for d in _differences(_with_new_defaults(old, new), new)
+                 if not (d.startswith("dataset.source:") and _same_data(old.get("dataset"), new.get("dataset")))]
         if diffs:
             more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
             raise RunDirError(f"resume: run directory {self.path} was made by another run: " + "; ".join(diffs[:3])

@@ -414,3 +414,100 @@ def test_cli_table2_files_resume_and_errors(tmp_path, monkeypatch, capsys):
     blocker.write_text("")
     assert "cannot write results" in err(["experiment", "table2", "--models", "pop", *CLI_SMALL,
                                           "--out", str(blocker / "sub")])
+
+
+def test_targets_never_count_a_missing_metric_as_mtd_ahead():
+    mtd = _converged("mtd", 50.0, 52.0)
+    for h in mtd["history"]:
+        h["valid"] = None  # no validation metrics for MTD
+    text = table2.targets(merge_json([mtd, _converged("srgnn", 60.0, 51.0)], table2.ORDER))
+    assert "ahead of every other finished model" not in text
+    assert "Not comparable (a metric is missing): SR-GNN on validation P@20 (MTD's missing)" in text
+
+
+def test_a_row_never_mixes_settings_or_repeats_a_seed():
+    from mtd_fast.experiments.merge import group_records, stopped_by_cap
+
+    short = _converged("mtd", 50.0, 52.0, epochs=3, best=3, run=3)
+    short["seed"] = 1
+    with pytest.raises(ValueError, match=r"diginetica / mtd: the seeds were run with different settings"):
+        group_records([_converged("mtd", 50.0, 52.0), short])
+    with pytest.raises(ValueError, match=r"more than one result for seed\(s\) \[0\]"):
+        group_records([_converged("mtd", 50.0, 52.0), _converged("mtd", 51.0, 52.0)])
+    other = _converged("mtd", 50.0, 52.0)
+    other["seed"], other["overrides"] = 1, {"lr": 0.01}
+    with pytest.raises(ValueError, match="overrides"):
+        merge_json([_converged("mtd", 50.0, 52.0), other])
+    unvalidated = _converged("mtd", 1, 1, best=30, run=30)
+    for h in unvalidated["history"]:
+        h["valid"] = None
+    assert not stopped_by_cap(unvalidated)  # no validation: no "still improving" claim
+
+
+def test_publish_keeps_a_converged_file_from_a_run_of_another_setting(tmp_path):
+    results, smoke, figures = tmp_path / "results", tmp_path / "smoke", tmp_path / "figures"
+    run_all([spec("stamp", epochs=2)], results / "table2", quiet=True)
+    run_all([spec("stamp", epochs=1)], smoke / "table2", quiet=True)  # same file name, another cap
+    assert table2.publish(results, figures)["copied"]
+    published = next((figures / "table2").glob("*.json")).read_text()
+    res = table2.publish(smoke, figures)
+    assert res["copied"] == [] and "another setting" in next(iter(res["skipped"].values()))
+    assert next((figures / "table2").glob("*.json")).read_text() == published
+    assert table2.publish(smoke, figures, force=True)["copied"]
+    assert json.loads(next((figures / "table2").glob("*.json")).read_text())["epochs"] == 1
+    with pytest.raises(ValueError, match="nothing to publish"):
+        table2.publish(tmp_path / "empty", tmp_path / "figures2")
+    assert not (tmp_path / "figures2").exists()
+
+
+def test_result_files_that_would_break_the_merge_are_invalid(tmp_path):
+    run_all([spec("stamp")], tmp_path, quiet=True)
+    good = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert runner.validate_record(good) is None
+    for change, problem in [
+        (lambda r: r["history"][0].pop("train_seconds"), "train_seconds is missing"),
+        (lambda r: r["metrics"].update(best_on_test=[1]), "best_on_test"),
+        (lambda r: r["history"].reverse(), "not 1, 2, ... in order"),
+        (lambda r: r["history"][1]["valid"].update({"P@20": "x"}), "'valid' is neither null"),
+    ]:
+        bad = json.loads(json.dumps(good))
+        change(bad)
+        assert problem in runner.validate_record(bad)
+
+
+def test_resumed_at_epoch_is_the_checkpoint_not_the_epoch_lines(tmp_path, monkeypatch):
+    s = spec("stamp", epochs=3)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 5)  # in epoch 3: epochs 1 and 2 checkpointed
+        with pytest.raises(Interrupt):
+            run_all([s], tmp_path, quiet=True)
+    lines = runner.partial_path(tmp_path, s) / "epochs.jsonl"
+    lines.write_text(lines.read_text().splitlines(keepends=True)[0])  # died after the checkpoint, before its line
+    rec = run_all([s], tmp_path, quiet=True)[0]
+    assert rec["resumed_at_epoch"] == 2 and len(rec["history"]) == 3
+
+
+def test_a_finished_result_from_another_data_folder_is_not_reused(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    rec = {"dataset": "diginetica", "model": "pop", "label": "pop", "seed": 0, "epochs": 1, "overrides": {},
+           "dataset_kwargs": {}, "fraction": 1.0, "root": str(a), "data_folder": str(a.resolve())}
+    assert runner.spec_mismatch(rec, RunSpec("diginetica", root=str(a), model="pop", epochs=1)) is None
+    link = tmp_path / "a-link"
+    link.symlink_to(a)
+    assert runner.spec_mismatch(rec, RunSpec("diginetica", root=str(link), model="pop", epochs=1)) is None
+    assert "data folder" in runner.spec_mismatch(rec, RunSpec("diginetica", root=str(b), model="pop", epochs=1))
+    old = {k: v for k, v in rec.items() if k != "data_folder"}  # a file from before data_folder: its root
+    assert "data folder" in runner.spec_mismatch(old, RunSpec("diginetica", root=str(b), model="pop", epochs=1))
+
+
+def test_resume_accepts_another_spelling_of_the_same_data_folder(tmp_path):
+    from mtd_fast.rundir import RunDir, RunDirError
+
+    ident = {"model": "mtd", "dataset": {"name": "d", "source": "/data/d", "content_sha256": "ab",
+                                         "files_sha256": {"train.txt": "cd"}}}
+    rd = RunDir(tmp_path)
+    rd.start(ident, {})
+    rd.check_identity({**ident, "dataset": {**ident["dataset"], "source": "../data/d"}})  # same data: resumes
+    with pytest.raises(RunDirError, match="content_sha256"):
+        rd.check_identity({**ident, "dataset": {**ident["dataset"], "source": "/x", "content_sha256": "ef"}})

@@ -232,5 +232,9 @@ def test_code_versions_follow_the_resumptions(tmp_path):
     assert rd.code_versions() == [{"from_epoch": 1, "commit": "a", "commit_dirty": False},
                                   {"from_epoch": 3, "commit": "c", "commit_dirty": False}]
     assert [r["after_epoch"] for r in json.loads((tmp_path / "run.json").read_text())["resumes"]] == [3, 5, 2]
+    rd.note_resume(6, prov("e"))  # a run that had stopped after 6 epochs, resumed only to finish it
+    assert rd.code_versions(epochs_run=6) == [{"from_epoch": 1, "commit": "a", "commit_dirty": False},
+                                              {"from_epoch": 3, "commit": "c", "commit_dirty": False}]
+    assert rd.code_versions()[-1] == {"from_epoch": 7, "commit": "e", "commit_dirty": False}
     assert not RunDir(tmp_path, writer=False).note_resume(9, prov("d"))  # rank > 0 writes nothing
-    assert len(json.loads((tmp_path / "run.json").read_text())["resumes"]) == 3
+    assert len(json.loads((tmp_path / "run.json").read_text())["resumes"]) == 4

@@ -5,6 +5,7 @@ as markdown (`merge_table`: the paper's Tables 2/3).
 """
 from __future__ import annotations
 
+import json
 import statistics
 from typing import Any, Iterable, Optional, Sequence
 
@@ -29,17 +30,35 @@ def group_records(records: Iterable[dict[str, Any]], order: Sequence[str] = ()
                   ) -> list[tuple[tuple, list[tuple[str, list[dict[str, Any]]]]]]:
     """[(dataset key, [(label, [records over seeds, by seed])...])...]: datasets in order of
     first appearance, labels in `order` first, then by first appearance. The dataset key is
-    (dataset, fraction, dataset_kwargs as sorted pairs)."""
+    (dataset, fraction, dataset_kwargs as sorted pairs). Raises ValueError when one row would
+    mix runs: two records of the same seed, or seeds run with different epoch caps or
+    overrides (a row's mean over seeds must be over one setting)."""
     datasets: dict[tuple, dict[str, list]] = {}
     for r in records:
         key = (r["dataset"], float(r["fraction"]), tuple(sorted((r.get("dataset_kwargs") or {}).items())))
         datasets.setdefault(key, {}).setdefault(r["label"], []).append(r)
+    for key, labels in datasets.items():
+        for label, recs in labels.items():
+            _check_one_setting(dataset_title(key), label, recs)
     rank = {lab: i for i, lab in enumerate(order)}
     out = []
     for key, labels in datasets.items():
         names = sorted(labels, key=lambda lab: (rank.get(lab, len(rank)), list(labels).index(lab)))
         out.append((key, [(lab, sorted(labels[lab], key=lambda r: r["seed"])) for lab in names]))
     return out
+
+
+def _check_one_setting(title: str, label: str, recs: list[dict[str, Any]]) -> None:
+    seeds = [r["seed"] for r in recs]
+    dup = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dup:
+        raise ValueError(f"{title} / {label}: more than one result for seed(s) {dup}; "
+                         "keep one file per (dataset, label, seed)")
+    settings = {(r["epochs"], json.dumps(r.get("overrides") or {}, sort_keys=True)): r["seed"] for r in recs}
+    if len(settings) > 1:
+        what = "; ".join(f"seed {seed}: epochs {e}, overrides {o}" for (e, o), seed in settings.items())
+        raise ValueError(f"{title} / {label}: the seeds were run with different settings ({what}); "
+                         "a row averages one setting: merge them from separate folders")
 
 
 def dataset_title(key: tuple) -> str:
@@ -63,6 +82,8 @@ def stopped_by_cap(rec: dict[str, Any]) -> bool:
     could still have helped. Runs fitted in one pass (no training loss) are never capped."""
     if rec["history"][0].get("train_loss") is None or rec.get("epochs") is None:
         return False
+    if not valid_at_best(rec):
+        return False  # no validation: the best epoch is not a validation pick, so "still improving" says nothing
     patience = (rec.get("train_config") or {}).get("patience") or 0
     return len(rec["history"]) >= rec["epochs"] and rec["epochs"] - rec["best_epoch"] < max(patience, 1)
 
@@ -142,7 +163,8 @@ def merge_table(records: Iterable[dict[str, Any]], order: Sequence[str] = (), he
             "'picked epoch': the validation-picked epoch of the epochs run (early stopping on validation; "
             "'fitted': a model fitted in one pass); "
             "'cap' marks a run the epochs cap stopped while validation was still improving (not converged). "
-            "s/epoch: median training seconds per epoch.")
+            "s/epoch: median training seconds per epoch (evaluation and separate graph phases excluded; "
+            "the mean of the seeds' medians when several).")
     return note + "\n\n" + "\n\n".join(parts) + "\n"
 
 

@@ -200,6 +200,7 @@ def _make_record(spec: RunSpec, result, ds, stats: dict[str, Any], command: str,
         "dataset": ds.name, "model": spec.model, "label": spec.label, "seed": spec.seed,
         "metrics": result.metrics, "best_epoch": result.best_epoch, "epochs": spec.epochs,
         "epochs_run": len(result.history), "fraction": spec.fraction, "root": spec.root,
+        "data_folder": data_folder(spec),
         "dataset_kwargs": spec.dataset_kwargs_dict, "dataset_rec_frequency": ds.rec_frequency,
         "overrides": spec.overrides_dict,
         "model_config": dataclasses.asdict(result.model_config),
@@ -222,6 +223,10 @@ _REQUIRED = {"dataset": str, "model": str, "label": str, "seed": int, "metrics":
              "history": list, "stats": dict, "command": str, "date": str}
 
 
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def validate_record(obj: Any) -> Optional[str]:
     """None for a complete result record, else what is wrong with it."""
     if not isinstance(obj, dict):
@@ -241,13 +246,26 @@ def validate_record(obj: Any) -> Optional[str]:
             return f"metrics[{k!r}] is missing or not a finite number"
     if "best_on_test" not in m:
         return "metrics['best_on_test'] is missing"
-    if not obj["history"] or not all(isinstance(h, dict) and "epoch" in h for h in obj["history"]):
+    bot = m["best_on_test"]
+    if bot is not None and not (isinstance(bot, dict) and all(_finite(bot.get(k)) for k in METRIC_KEYS)):
+        return "metrics['best_on_test'] is neither null nor a complete set of finite metrics"
+    hist = obj["history"]
+    if not hist or not all(isinstance(h, dict) for h in hist):
         return "the per-epoch history is empty or malformed"
+    if len(hist) > obj["epochs"]:
+        return f"{len(hist)} epochs in the history, more than its epochs={obj['epochs']}"
+    if [h.get("epoch") for h in hist] != list(range(1, len(hist) + 1)):
+        return "the history's epochs are not 1, 2, ... in order"
+    for h in hist:
+        if not _finite(h.get("train_seconds")) or h["train_seconds"] < 0:
+            return f"history epoch {h['epoch']}: train_seconds is missing or not a finite number >= 0"
+        for part in ("valid", "test"):
+            v = h.get(part)
+            if v is not None and not (isinstance(v, dict) and all(_finite(v.get(k)) for k in METRIC_KEYS)):
+                return f"history epoch {h['epoch']}: {part!r} is neither null nor a complete set of finite metrics"
     be = obj.get("best_epoch")
     if not isinstance(be, int) or not any(h["epoch"] == be for h in obj["history"]):
         return f"best_epoch {be!r} is not an epoch of the history"
-    if len(obj["history"]) > obj["epochs"]:
-        return f"{len(obj['history'])} epochs in the history, more than its epochs={obj['epochs']}"
     return None
 
 
@@ -262,6 +280,12 @@ def spec_mismatch(record: dict[str, Any], spec: RunSpec) -> Optional[str]:
             return f"{key} {have!r} != {value!r}"
     if not math.isclose(float(record["fraction"]), float(spec.fraction), rel_tol=1e-12):
         return f"fraction {record['fraction']!r} != {spec.fraction!r}"
+    # the data folder, by real path (a name alone says nothing about which copy of the data;
+    # files from before the record had data_folder are compared by their root, if any)
+    have = record.get("data_folder") or (os.path.realpath(record["root"]) if record.get("root") else None)
+    want = data_folder(spec)
+    if have is not None and want is not None and have != want:
+        return f"data folder {have!r} != {want!r}"
     return None
 
 
@@ -324,6 +348,19 @@ def check_data(spec: RunSpec) -> None:
     root = Path(spec.root) if spec.root is not None else dataset_dir(spec.dataset)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder (dataset {spec.dataset_key!r})")
+
+
+def data_folder(spec: RunSpec) -> Optional[str]:
+    """The real path of the folder a spec reads (its root, else the named dataset's folder
+    under the data root); None for synthetic data or when no folder can be named."""
+    from ..data import DataError, dataset_dir
+
+    if spec.dataset == "synthetic" or (spec.dataset is None and spec.root is None):
+        return None
+    try:
+        return os.path.realpath(spec.root if spec.root is not None else dataset_dir(spec.dataset))
+    except DataError:
+        return None
 
 
 def load_spec_dataset(spec: RunSpec):
@@ -410,6 +447,7 @@ def run_all(specs: Sequence[RunSpec], out_dir: os.PathLike | str, *, quiet: bool
     """
     from ..train import train
 
+    source_commit()  # read before any data loads (cached): a commit made meanwhile is not this code
     specs = list(specs)
     for s in specs:
         if not isinstance(s, RunSpec):
@@ -458,7 +496,7 @@ def run_all(specs: Sequence[RunSpec], out_dir: os.PathLike | str, *, quiet: bool
                 run_dir = partial_path(out_dir, s)
                 res, resumed_at = _train_resumably(train, ds, s, run_dir, backend, quiet, bar)
                 wall = time.perf_counter() - t0
-                versions = _code_versions(run_dir)
+                versions = _code_versions(run_dir, len(res.history))
                 rec = _make_record(s, res, ds, stats, command or s.api_call(), wall, resumed_at, versions)
                 if checkpoints:
                     from ..serialization import save
@@ -505,11 +543,24 @@ def _set_aside(run_dir: Path, why: str, bar) -> None:
     bar.write(f"partial run {run_dir} cannot be resumed ({why}); moved to {stale.name}, starting over")
 
 
-def _code_versions(run_dir: Path) -> Optional[list]:
-    """The code versions a run directory records (None without a run record)."""
+def _resumed_after(run_dir: Path, lines: int) -> int:
+    """The epoch the resumed checkpoint held (the run record's last resume; `lines`, the epoch
+    lines found before resuming, when the record cannot say): the line count alone is off when
+    the run died between its checkpoint and its epoch line, or fell back to an older checkpoint."""
+    from ..rundir import RUN_FILE
+
+    try:
+        after = json.loads((run_dir / RUN_FILE).read_text())["resumes"][-1]["after_epoch"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return lines
+    return after if isinstance(after, int) and not isinstance(after, bool) else lines
+
+
+def _code_versions(run_dir: Path, epochs_run: int) -> Optional[list]:
+    """The code versions a run directory records for its `epochs_run` epochs (None without a run record)."""
     from ..rundir import RUN_FILE, RunDir
 
-    return RunDir(run_dir).code_versions() if (run_dir / RUN_FILE).is_file() else None
+    return RunDir(run_dir).code_versions(epochs_run) if (run_dir / RUN_FILE).is_file() else None
 
 
 def _train_resumably(train, ds, spec: RunSpec, run_dir: Path, backend: Any, quiet: bool, bar):
@@ -527,7 +578,8 @@ def _train_resumably(train, ds, spec: RunSpec, run_dir: Path, backend: Any, quie
             _set_aside(run_dir, f"it was started with epochs={epochs}, this spec has epochs={spec.epochs}", bar)
         else:
             try:
-                return train(ds, run_dir=run_dir, resume=True, **kw), done
+                res = train(ds, run_dir=run_dir, resume=True, **kw)
+                return res, _resumed_after(run_dir, done)
             except RunDirError as exc:
                 _set_aside(run_dir, str(exc), bar)
     elif run_dir.exists():  # a folder without a run record: a start that crashed before writing one

@@ -108,21 +108,26 @@ def targets(merged: dict[str, Any]) -> str:
             lines.append("  - MTD: not finished.")
         else:
             others = [r for lab, r in rows.items() if lab != "mtd"]
-            behind = []
+            behind, unknown = [], []
             for part, split in (("valid", "validation"), ("metrics", "test")):
                 for k in TARGET_KEYS:
                     ours = (mtd[part].get(k) or {}).get("mean")
                     for r in others:
                         theirs = (r[part].get(k) or {}).get("mean")
-                        if ours is not None and theirs is not None and theirs >= ours:
+                        if ours is None or theirs is None:
+                            side = "MTD's" if ours is None else f"{display_name(r['label'])}'s"
+                            unknown.append(f"{display_name(r['label'])} on {split} {k} ({side} missing)")
+                        elif theirs >= ours:
                             behind.append(f"{display_name(r['label'])} on {split} {k} ({theirs:.2f} vs {ours:.2f})")
             names = ", ".join(display_name(r["label"]) for r in others) or "none"
             if behind:
                 lines.append(f"  - MTD is **not** ahead of every other finished model ({names}): "
                              + "; ".join(behind) + ".")
-            else:
+            elif not unknown:
                 lines.append(f"  - MTD is ahead of every other finished model ({names}) on validation and test "
                              "P@20 and MRR@20.")
+            if unknown:  # a comparison that could not be made is never counted as MTD ahead
+                lines.append("  - Not comparable (a metric is missing): " + "; ".join(unknown) + ".")
             stretch = STRETCH.get(ds["dataset"]) if ds["fraction"] == 1 else None
             if stretch:
                 got = [mtd["metrics"][k]["mean"] for k in TARGET_KEYS]
@@ -165,32 +170,55 @@ def readme_block(md: str) -> str:
     return tables + "\n\n" + targets_list.rstrip()
 
 
-def publish(source: Path, out: Path, readme: Optional[Path] = None) -> dict[str, Any]:
+def _setting(rec: dict[str, Any]) -> dict[str, Any]:
+    """What makes two result files of one (dataset, label, seed) the same experiment."""
+    return {"epochs": rec["epochs"], "overrides": rec.get("overrides") or {}, "fraction": float(rec["fraction"]),
+            "dataset_kwargs": rec.get("dataset_kwargs") or {}}
+
+
+def publish(source: Path, out: Path, readme: Optional[Path] = None, force: bool = False) -> dict[str, Any]:
     """Copy the valid result files of `source/table2/` that `out/table2/` lacks or holds in
     another version, merge every file there into out/table2.{md,json} and the curves PNG
     (nothing is trained), and, with `readme`, replace the text between its table2 markers by
-    `readme_block` of the new table2.md. Returns {"copied": [names], "skipped": {name:
-    problem}, "paths": the report's paths}. Raises ValueError when `readme` lacks the markers."""
+    `readme_block` of the new table2.md. A published file made with another setting (epochs
+    cap, overrides, fraction: a 3-epoch smoke run over a converged one) is not replaced
+    unless `force`. Returns {"copied": [names], "skipped": {name: problem}, "paths": the
+    report's paths}. Raises ValueError when `readme` lacks the markers or nothing is valid,
+    before writing anything."""
     source, out = Path(source) / "table2", Path(out)
     dest = out / "table2"
-    dest.mkdir(parents=True, exist_ok=True)
-    copied, skipped = [], {}
+    if readme is not None:
+        text = Path(readme).read_text()
+        open_, close = README_MARKERS
+        if open_ not in text or close not in text:
+            raise ValueError(f"{readme}: no {open_.strip()} ... {close.strip()} block to replace")
+    copied, skipped, plan = [], {}, []
     for path in sorted(source.glob("*.json")):
         rec, problem = read_result(path)
         if rec is None:
             skipped[path.name] = problem
             continue
         target = dest / path.name
-        if not target.is_file() or target.read_bytes() != path.read_bytes():
-            shutil.copyfile(path, target)
-            copied.append(path.name)
+        if target.is_file() and target.read_bytes() == path.read_bytes():
+            continue
+        old, _ = read_result(target) if target.is_file() else (None, None)
+        if old is not None and _setting(old) != _setting(rec) and not force:
+            skipped[path.name] = (f"would replace the published run of another setting ({_setting(old)} there, "
+                                  f"{_setting(rec)} here); force=True (--force) replaces it")
+            continue
+        plan.append((path, target))
+    records = {p.name: r for p in sorted(dest.glob("*.json")) for r in [read_result(p)[0]] if r is not None}
+    records.update({target.name: read_result(path)[0] for path, target in plan})
+    if not records:
+        raise ValueError(f"no valid result file in {source} or {dest}: nothing to publish")
+    merge_json(list(records.values()), ORDER)  # raises on rows that would mix settings, before any write
+    dest.mkdir(parents=True, exist_ok=True)
+    for path, target in plan:
+        shutil.copyfile(path, target)
+        copied.append(path.name)
     result = report(load_results(dest), Study("table2", out=out))
     if readme is not None:
-        text = Path(readme).read_text()
-        open_, close = README_MARKERS
-        if open_ not in text or close not in text:
-            raise ValueError(f"{readme}: no {open_.strip()} ... {close.strip()} block to replace")
         head, rest = text.split(open_, 1)
         tail = rest.split(close, 1)[1]
-        Path(readme).write_text(head + open_ + readme_block(result["markdown"]) + close + tail)
+        atomic_write_text(readme, head + open_ + readme_block(result["markdown"]) + close + tail)
     return {"copied": copied, "skipped": skipped, "paths": result["paths"]}
