@@ -54,7 +54,7 @@ def _check_one_setting(title: str, label: str, recs: list[dict[str, Any]]) -> No
     if dup:
         raise ValueError(f"{title} / {label}: more than one result for seed(s) {dup}; "
                          "keep one file per (dataset, label, seed)")
-    settings = {(r["epochs"], json.dumps(r.get("overrides") or {}, sort_keys=True)): r["seed"] for r in recs}
+    settings = {(r.get("epochs"), json.dumps(r.get("overrides") or {}, sort_keys=True)): r["seed"] for r in recs}
     if len(settings) > 1:
         what = "; ".join(f"seed {seed}: epochs {e}, overrides {o}" for (e, o), seed in settings.items())
         raise ValueError(f"{title} / {label}: the seeds were run with different settings ({what}); "
