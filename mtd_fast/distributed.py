@@ -115,6 +115,22 @@ class Dist:
                 p.grad = None
         return flat[off:off + len(extras)].tolist()
 
+    def all_gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows (n_r, ...) concatenated in rank order: the global batch's order,
+        since `shard` gives each rank a contiguous part. The row counts may differ by rank."""
+        if not self.enabled:
+            return rows
+        dev = self._comm_device()
+        count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=dev)
+        counts = [torch.zeros_like(count) for _ in range(self.world)]
+        self._call("a row-count all-gather", self.td.all_gather, counts, count)
+        sizes = [int(c) for c in counts]
+        padded = rows.new_zeros((max(sizes), *rows.shape[1:]), device=dev)
+        padded[: rows.shape[0]] = rows.to(dev)
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        self._call("a row all-gather", self.td.all_gather, parts, padded)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)]).to(rows.device)
+
     def sum_floats(self, values: Sequence[float]) -> list[float]:
         """Sums over ranks, in float64."""
         if not self.enabled:

@@ -50,6 +50,7 @@ from .distributed import Dist
 from .metrics import MetricAccumulator
 from .models import ablation_overrides, model_class
 from .models.base import SessionModel
+from .models.layers import FifoMemory
 from .run import Run
 
 __all__ = ["train", "evaluate", "TrainResult", "build_model", "evaluate_samples", "train_step", "dgi_step",
@@ -415,6 +416,10 @@ def train_step(net, samples: Samples, idx: np.ndarray, opt, params, l2: float,
         value = float(loss.detach())
         if on_grads is not None:
             on_grads(batch)
+    else:  # an empty shard still takes part in the memory models' row all-gather (see rec_epoch)
+        for m in net.modules():
+            if isinstance(m, FifoMemory) and m.gather is not None:
+                m.write(m.memory.new_zeros(0, m.dim))
     if dist.enabled:
         w = len(idx) / global_size
         value, dgi_sum, dgi_n = dist.reduce_grads(all_params, w, [value * w, (dgi_value or 0.0) * w,
@@ -443,8 +448,21 @@ def rec_epoch(net, samples: Samples, opt, params, cfg: TrainConfig, rng: np.rand
     batches = list(iter_batches(len(samples), cfg.batch_size, rng))  # the same global batches on every rank
     if cfg.max_steps_per_epoch is not None:
         batches = batches[:cfg.max_steps_per_epoch]
-    total, n = 0.0, 0
     bar = _progress(batches, len(batches), f"epoch {epoch}", quiet)
+    # memory models (CSRM, CoSAN): every process writes the global batch, not its own shard
+    memories = [m for m in net.modules() if isinstance(m, FifoMemory)] if dist.enabled else []
+    for m in memories:
+        m.gather = dist.all_gather_rows
+    try:
+        total, n = _rec_steps(net, samples, batches, bar, opt, params, cfg, epoch, graph, dist)
+    finally:
+        for m in memories:
+            m.gather = None
+    return total / max(n, 1), n, time.perf_counter() - t0
+
+
+def _rec_steps(net, samples, batches, bar, opt, params, cfg, epoch, graph, dist) -> tuple[float, int]:
+    total, n = 0.0, 0
     for i, idx in enumerate(bar):
         done = (epoch - 1) * len(batches) + i  # steps before this one (every epoch has len(batches) steps)
         if done < cfg.warmup_steps:  # linear warm-up from lr / warmup_steps to the epoch's lr
@@ -464,7 +482,7 @@ def rec_epoch(net, samples: Samples, opt, params, cfg: TrainConfig, rng: np.rand
         n += len(idx)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-    return total / max(n, 1), n, time.perf_counter() - t0
+    return total, n
 
 
 _SINGLE = Dist.__new__(Dist)  # the single-process context, without touching torch.distributed

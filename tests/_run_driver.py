@@ -66,6 +66,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--option", action="append", default=[])
     p.add_argument("--data", default="n_sessions=400,n_items=60")
+    p.add_argument("--all-ranks-state", action="store_true", help="ranks > 0 save their state dict too (OUT.rankN.pt)")
     args = p.parse_args()
 
     import torch
@@ -103,6 +104,8 @@ def main() -> None:
         with open(args.out, "w") as fh:
             json.dump({"metrics": r.metrics, "history": history, "best_epoch": r.best_epoch}, fh)
         torch.save(r.model.state_dict(), args.out + ".pt")
+    elif args.all_ranks_state:
+        torch.save(r.model.state_dict(), f"{args.out}.rank{rank}.pt")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         torch.distributed.barrier()  # no rank tears the group down while another still uses it
         torch.distributed.destroy_process_group()

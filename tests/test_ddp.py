@@ -116,6 +116,37 @@ def test_replicated_graph_phase_equals_the_broadcast_one(tmp_path, monkeypatch):
     assert_same_run(tmp_path / "broadcast.json", tmp_path / "replicate.json")
 
 
+@pytest.mark.parametrize("model", ["csrm", "cosan"])
+def test_memory_models_keep_one_memory_across_processes(tmp_path, model):
+    """CSRM's and CoSAN's FIFO memories are written with the whole global batch on every rank
+    (each rank computes only its shard's rows): the ranks' memories stay equal, and equal to a
+    single process's (dropout 0; float32 reassociation of the gradient sums aside). The batch
+    size leaves a last global batch of one sample, so rank 1 has an empty shard there and must
+    still join the row all-gather (a missing one would hang until the 60 s timeout)."""
+    import mtd_fast
+
+    data = next(d for d in (f"n_sessions={n},n_items=60" for n in range(400, 420))
+                if len(mtd_fast.load_dataset("synthetic", **{k: int(v) for k, v in
+                                                             (kv.split("=") for kv in d.split(","))}).train) % 2)
+    n_train = len(mtd_fast.load_dataset("synthetic", **{k: int(v) for k, v in (kv.split("=") for kv in
+                                                                                 data.split(","))}).train)
+    opts = ["--data", data, "--option", f"model={model}", "--option", "dropout=0.0", "--option", "memory_size=64",
+            "--option", f"batch_size={n_train - 1}", "--option", "max_steps_per_epoch=None",
+            "--option", "epochs=2"]
+    ok(launch(2, tmp_path / "ddp.json", *opts, "--all-ranks-state"))
+    r = subprocess.run([sys.executable, str(DRIVER), str(tmp_path / "one.json"), *opts], capture_output=True,
+                       text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    states = [torch.load(tmp_path / name) for name in ("ddp.json.pt", "ddp.json.rank1.pt", "one.json.pt")]
+    mems = [[v for k, v in st.items() if k.endswith(".memory")] for st in states]
+    assert len(mems[0]) == 1 and int([v for k, v in states[0].items() if k.endswith("mem_count")][0]) > 0
+    assert torch.equal(mems[0][0], mems[1][0])  # one memory on every rank
+    assert torch.allclose(mems[0][0], mems[2][0], rtol=1e-4, atol=1e-5)  # and the single process's
+    for k in ("mem_ptr", "mem_count"):
+        assert [int(v) for st in states for key, v in st.items() if key.endswith(k)] == [
+            int(v) for key, v in states[2].items() if key.endswith(k)] * 3
+
+
 def test_batch_size_not_divisible_by_world_size(tmp_path):
     res = launch(2, tmp_path / "x.json", "--option", "batch_size=63")
     for r in res:

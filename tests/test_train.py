@@ -179,6 +179,22 @@ def test_fused_adam_step_advances_versions_so_the_table_cache_follows(synthetic)
         assert not torch.equal(after, before) and torch.equal(after, net.propagate()[0])
 
 
+def test_table_cache_never_serves_a_training_mode_table_in_eval_mode(synthetic):
+    """With graph_dropout the training-mode table carries a dropout draw; the cache is keyed
+    on the mode, so an eval-mode read after a no-grad train-mode read gets the eval table."""
+    from mtd_fast.ops import global_graph
+
+    net = mtd_fast.MTD(synthetic.n_items, mtd_fast.MTDConfig(hidden_size=8, graph_dropout=0.5))
+    net.set_graph(global_graph(synthetic.train_sessions, synthetic.n_items))
+    net.train()
+    with torch.no_grad():
+        dropped = net.item_table().clone()
+    net.eval()
+    with torch.no_grad():
+        table = net.item_table()
+        assert torch.equal(table, net.propagate()[0]) and not torch.equal(table, dropped)
+
+
 def test_resumed_optimizer_keeps_the_fused_step():
     """A checkpoint saved by the unfused Adam (runs from before `adam`) carries fused=None in
     its param groups; after loading it the trainer's optimizer is fused again, same state."""

@@ -14,7 +14,7 @@ The hot ops go through `mtd_fast.ops`, as in the models.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -164,6 +164,9 @@ class FifoMemory(nn.Module):
         self.register_buffer("memory", torch.zeros(size, dim))
         self.register_buffer("mem_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("mem_count", torch.zeros((), dtype=torch.long))
+        # set by the trainer under data parallelism (`Dist.all_gather_rows`): each process then
+        # writes the whole global batch's rows, so every copy of the memory stays the same
+        self.gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def filled(self) -> torch.Tensor:
         """(n, dim) the filled slots (slot order; order does not matter to readers)."""
@@ -198,6 +201,8 @@ class FifoMemory(nn.Module):
     def write(self, rows: torch.Tensor) -> None:
         """Write rows (n, dim), detached, into the next slots (FIFO)."""
         rows = rows.detach().to(self.memory.dtype)
+        if self.gather is not None:
+            rows = self.gather(rows)
         if rows.shape[0] > self.size:
             rows = rows[-self.size:]
         n = rows.shape[0]

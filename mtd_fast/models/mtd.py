@@ -224,7 +224,9 @@ class MTD(SessionModel):
             return self.item_emb.weight
         if torch.is_grad_enabled():
             return self.propagate()[0]
-        key = (id(self.graph), str(self.item_emb.weight.device), *(p._version for p in self.parameters()))
+        # the mode too: in training mode the table carries graph_dropout's draw
+        key = (id(self.graph), str(self.item_emb.weight.device), self.training,
+               *(p._version for p in self.parameters()))
         if self._table_cache is None or self._table_cache[0] != key:
             self._table_cache = (key, self.propagate()[0].detach())
         return self._table_cache[1]
