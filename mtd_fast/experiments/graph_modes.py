@@ -39,11 +39,15 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {}
 for _label, (_model, _kw) in _BASE.items():
     VARIANTS[_label] = (_model, {**_kw, "score_norm": False})
     VARIANTS[_label + "+cos"] = (_model, {**_kw, "score_norm": True})
+# the default with a learned cosine scale (the softmax temperature; starts at score_scale): cosine
+# scoring only, so no dot-product twin
+VARIANTS["residual-ls+cos"] = ("mtd", {**_BASE["residual"][1], "score_norm": True, "learn_score_scale": True})
 WHAT = {"mtd-lo": "no graph", "overwrite": "E[nodes] = H after each graph phase (authors' code)",
         "rescaled": "write-back at the rows' previous norms", "joint": "CE + DGI every step, no write-back",
         "residual": "T = E + GCN(E) for items and candidates, + DGI", "residual-w0": "T = E + GCN(E), no DGI term",
         "residual-light": "T = mean_l A^l E (LightGCN), no DGI term",
-        "residual-gdrop": "T = E + dropout_0.5(GCN(E)) in training (GCE-GNN's global dropout), + DGI"}
+        "residual-gdrop": "T = E + dropout_0.5(GCN(E)) in training (GCE-GNN's global dropout), + DGI",
+        "residual-ls": "the default with the cosine scale learned (from 12)"}
 
 
 def baseline_of(label: str) -> str:
