@@ -230,6 +230,8 @@ class Run:
             return self._fit_once(net, used)
 
         dist.broadcast_tensors_(list(net.state_dict().values()))  # identical replicas from the start
+        if dist.rank:  # each rank its own dropout draws for its own samples (rank 0 keeps the single-process stream)
+            torch.manual_seed(self.seed + 1_000_003 * dist.rank)
         graph, graph_build_s = None, 0.0
         phases = net.uses_global_graph and mcfg.graph_mode in PHASE_MODES  # graph phases + write-back
         if net.uses_global_graph and tcfg.graph_phases > 0 and (tcfg.graph_steps > 0 or not phases):

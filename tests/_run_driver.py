@@ -86,6 +86,17 @@ def main() -> None:
     if args.kill and args.kill_rank in (None, rank):
         kind, n = args.kill.split(":")
         _kill_at(kind, int(n))
+    if args.all_ranks_state:  # torch's generator state as the first training step starts, per rank
+        real_step = tr.train_step
+
+        def first_step(*a, **k):
+            if not first_step.seen:
+                first_step.seen = True
+                torch.save(torch.get_rng_state(), f"{args.out}.rank{rank}.rng")
+            return real_step(*a, **k)
+
+        first_step.seen = False
+        tr.train_step = first_step
     data = {k: int(v) for k, v in (kv.split("=") for kv in args.data.split(","))}
     ds = mtd_fast.load_dataset("synthetic", **data)
     kw = dict(epochs=3, seed=0, quiet=True, hidden_size=16, graph_steps=6, batch_size=64, max_steps_per_epoch=6,

@@ -147,6 +147,16 @@ def test_memory_models_keep_one_memory_across_processes(tmp_path, model):
             int(v) for key, v in states[2].items() if key.endswith(k)] * 3
 
 
+def test_ranks_draw_their_own_dropout(tmp_path):
+    """Each rank seeds torch's generator apart from the others after the weights are
+    broadcast: the same seed everywhere drew the same dropout masks for different samples.
+    Compared as the first training step starts (later the ranks' draw counts differ anyway:
+    the attention masks follow each shard's session lengths)."""
+    ok(launch(2, tmp_path / "x.json", "--option", "dropout=0.3", "--all-ranks-state"))
+    a, b = (torch.load(tmp_path / f"x.json.rank{r}.rng") for r in (0, 1))
+    assert not torch.equal(a, b)
+
+
 def test_batch_size_not_divisible_by_world_size(tmp_path):
     res = launch(2, tmp_path / "x.json", "--option", "batch_size=63")
     for r in res:
