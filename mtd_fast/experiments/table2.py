@@ -206,17 +206,17 @@ def publish(source: Path, out: Path, readme: Optional[Path] = None, force: bool 
             skipped[path.name] = (f"would replace the published run of another setting ({_setting(old)} there, "
                                   f"{_setting(rec)} here); force=True (--force) replaces it")
             continue
-        plan.append((path, target))
+        plan.append((path, target, rec))
     records = {p.name: r for p in sorted(dest.glob("*.json")) for r in [read_result(p)[0]] if r is not None}
-    records.update({target.name: read_result(path)[0] for path, target in plan})
+    records.update({target.name: rec for _, target, rec in plan})
     if not records:
         raise ValueError(f"no valid result file in {source} or {dest}: nothing to publish")
-    merge_json(list(records.values()), ORDER)  # raises on rows that would mix settings, before any write
+    group_records(records.values())  # raises on rows that would mix settings, before any write
     dest.mkdir(parents=True, exist_ok=True)
-    for path, target in plan:
+    for path, target, _ in plan:
         shutil.copyfile(path, target)
         copied.append(path.name)
-    result = report(load_results(dest), Study("table2", out=out))
+    result = report([records[name] for name in sorted(records)], Study("table2", out=out))  # load_results' order
     if readme is not None:
         head, rest = text.split(open_, 1)
         tail = rest.split(close, 1)[1]
