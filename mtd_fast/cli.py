@@ -154,7 +154,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         rundir.CLI_COMMAND = cli_command(args.argv)
         ds = _load(args)
         result = mtd_fast.train(ds, model=args.model, epochs=args.epochs, seed=args.seed, backend=args.backend,
-                                quiet=args.quiet, run_dir=args.run_dir, resume=args.resume, **overrides)
+                                quiet=args.quiet, run_dir=args.run_dir, resume=args.resume,
+                                checkpoint_every=args.checkpoint_every, **overrides)
         if dist.main:
             _report_train(args, ds, result)
         if launched:
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", default=None,
                    help="write configs, per-epoch JSON lines, curves and checkpoints here as training goes")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    t.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                   help="with --run-dir, also checkpoint every STEPS training steps within an epoch (default: at "
+                        "epoch ends only); a kill then loses at most STEPS steps, and the resume stays exact")
     t.add_argument("--dist-timeout", type=float, default=600.0,
                    help="under torchrun: seconds a process waits for the others before failing (600)")
     _add_config_flags(t)

@@ -47,6 +47,7 @@ class Trainer(Protocol):
     epoch_lr: Callable[[TrainConfig, int], float]
     set_lr: Callable[[Optional[torch.optim.Optimizer], float], None]
     rec_epoch: Callable[..., tuple[float, int, float]]
+    EpochProgress: Callable[..., Any]
     distributed_graph_phase: Callable[..., tuple[float, int, float]]
     evaluate_samples: Callable[..., dict[str, float]]
     first_nonfinite: Callable[[list], Optional[str]]
@@ -74,21 +75,42 @@ def _set_rng_state(s: dict[str, Any], rng: np.random.Generator) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def _checked_partial(partial: Any, where: str) -> Optional[dict[str, Any]]:
+    """A checkpoint's `partial_epoch` (None, or the progress of a mid-epoch checkpoint), checked."""
+    if partial is None:
+        return None
+    from .rundir import RunDirError
+
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    ok = (isinstance(partial, dict) and count(partial.get("steps")) and partial["steps"] > 0
+          and count(partial.get("samples")) and isinstance(partial.get("loss_sum"), float)
+          and isinstance(partial.get("seconds"), float) and isinstance(partial.get("dgi_values"), list))
+    if not ok:
+        raise RunDirError(f"{where}: its mid-epoch progress is malformed ({partial!r:.200}): not a complete checkpoint")
+    return partial
+
+
 class Run:
     """One call of `train`: the schedule, with its state kept where a checkpoint can take it."""
 
     def __init__(self, trainer: Trainer, dataset: Dataset, model: str, epochs: int, seed: int, backend: Any,
                  quiet: bool, mcfg: MTDConfig, tcfg: TrainConfig, dist: Dist, run, resume: bool,
-                 api_call: str) -> None:
+                 api_call: str, checkpoint_every: Optional[int] = None) -> None:
         self.trainer = trainer
         self.ds, self.model_name, self.epochs, self.seed, self.backend = dataset, model, epochs, seed, backend
         self.mcfg, self.tcfg, self.dist, self.run, self.resume, self.api_call = mcfg, tcfg, dist, run, resume, api_call
         self.quiet = quiet or not dist.main  # one voice: rank 0's
+        self.checkpoint_every = checkpoint_every  # training steps between mid-epoch checkpoints (None: none)
         self.device = dist.device_for(tcfg.device)
         # run state (what a checkpoint holds besides weights, optimizers and RNG states)
         self.history: list[dict[str, Any]] = []
         self.best, self.best_state, self.best_epoch, self.bad = None, None, None, 0
         self.epoch_done, self.graph_done, self.stopped, self.phase_result = 0, False, False, None
+        # a mid-epoch checkpoint's progress through epoch epoch_done + 1 (steps, loss_sum, samples,
+        # seconds, dgi_values); None at an epoch boundary
+        self.partial: Optional[dict[str, Any]] = None
 
     def say(self, msg: str) -> None:
         """A status line, from rank 0 only (logging, if set up to show INFO, gets it even when quiet)."""
@@ -143,15 +165,26 @@ class Run:
         self.checkpoint_file = str(path)
         return state
 
-    def _checkpoint(self, net, opt, opt_g, rng, best: bool, entry: Optional[dict[str, Any]] = None) -> None:
+    def _checkpoint(self, net, opt, opt_g, rng, best: bool, entry: Optional[dict[str, Any]] = None,
+                    partial: Optional[dict[str, Any]] = None, epoch_rng: Optional[dict[str, Any]] = None) -> None:
         """Save the whole state (collective under DDP: every rank's RNG states are gathered),
-        then append the epoch line; rank 0 writes, and its errors reach every rank."""
+        then append the epoch line; rank 0 writes, and its errors reach every rank.
+
+        Mid-epoch (`partial`: the epoch's progress so far), the batch generator's state saved is
+        `epoch_rng`, its state before the epoch's shuffle: a resumption draws the same batches
+        and skips the steps done."""
         if self.run is None:
             return
-        rngs = self.dist.all_gather_object(_rng_state(rng))
-        same_as_model = self.best_epoch == self.epoch_done and not self.graph_done
+        rng_state = _rng_state(rng)
+        if partial is not None:
+            rng_state["batches"] = epoch_rng
+        rngs = self.dist.all_gather_object(rng_state)
+        # the best weights are the model's own only at the end of the best epoch
+        same_as_model = self.best_epoch == self.epoch_done and not self.graph_done and partial is None
         state = {
-            "position": {"epoch": self.epoch_done, "graph_done": self.graph_done, "stopped": self.stopped},
+            "position": {"epoch": self.epoch_done, "graph_done": self.graph_done, "stopped": self.stopped,
+                         "step": partial["steps"] if partial is not None else 0},
+            "partial_epoch": partial,
             "phase_result": self.phase_result,
             "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
             "opt": opt.state_dict(), "opt_g": opt_g.state_dict() if opt_g is not None else None,
@@ -196,6 +229,7 @@ class Run:
                                else {k: v.to(self.device) for k, v in state["best_state"].items()})
             self.epoch_done, self.graph_done = int(pos["epoch"]), bool(pos["graph_done"])
             self.stopped, self.phase_result = bool(pos["stopped"]), state.get("phase_result")
+            self.partial = _checked_partial(state.get("partial_epoch"), where)  # absent: an epoch-end checkpoint
             _set_rng_state(state["rng"][self.dist.rank], rng)
         except KeyError as exc:
             raise RunDirError(f"{where}: the training state lacks {exc}: not a complete checkpoint") from None
@@ -208,9 +242,11 @@ class Run:
             from .rundir import provenance
 
             self.dist.on_main(lambda: self.run.write_epochs(self.history))
-            self.dist.on_main(lambda: self.run.note_resume(self.epoch_done, provenance(self.api_call)))
+            step = self.partial["steps"] if self.partial is not None else 0
+            self.dist.on_main(lambda: self.run.note_resume(self.epoch_done, provenance(self.api_call), step))
         self.say(f"[{self.model_name}] resumed from {where}: {self.epoch_done} epoch(s) done"
                  + (", graph phase of the next one done" if self.graph_done else "")
+                 + (f", {self.partial['steps']} step(s) of the next one done" if self.partial is not None else "")
                  + (", early-stopped" if self.stopped else ""))
 
     # ---- the schedule --------------------------------------------------------------------------
@@ -268,10 +304,15 @@ class Run:
                     self.graph_done = True
                     self._checkpoint(net, opt, opt_g, rng, best=False)
                 graph_loss, graph_steps, graph_s = self.phase_result
-            if every_step is not None:
-                every_step.dgi_values.clear()
+            partial, self.partial = self.partial, None
+            if every_step is not None:  # the DGI values of the steps a mid-epoch checkpoint holds
+                every_step.dgi_values[:] = partial["dgi_values"] if partial is not None else []
+            progress = (tr.EpochProgress(**{k: partial[k] for k in ("steps", "loss_sum", "samples", "seconds")})
+                        if partial is not None else None)
+            epoch_rng = rng.bit_generator.state  # before the shuffle (restored to it when resumed mid-epoch)
+            on_step = self._mid_epoch_saver(net, opt, opt_g, rng, epoch_rng, every_step)
             train_loss, n_seen, train_s = tr.rec_epoch(net, ds.train, opt, rec_params, tcfg, rng, quiet, r + 1,
-                                                    every_step, dist=dist)
+                                                    every_step, dist=dist, progress=progress, on_step=on_step)
             if every_step is not None:  # the mean DGI term of the epoch's steps (None when graph_weight = 0)
                 graph_loss, graph_steps = every_step.mean_dgi(), len(every_step.dgi_values)
             self._check_weights(net, r + 1)
@@ -313,6 +354,22 @@ class Run:
                              str(self.run.path) if self.run is not None else None)
         self._write_result(result)
         return result
+
+    def _mid_epoch_saver(self, net, opt, opt_g, rng, epoch_rng: dict[str, Any], every_step):
+        """`rec_epoch`'s on_step: a checkpoint after every `checkpoint_every`-th step of the epoch
+        (not after its last: the epoch's end writes one); None without a run directory."""
+        every = self.checkpoint_every
+        if self.run is None or not every:
+            return None
+
+        def on_step(progress, n_steps: int) -> None:
+            if progress.steps % every == 0 and progress.steps < n_steps:
+                partial = {"steps": progress.steps, "loss_sum": progress.loss_sum, "samples": progress.samples,
+                           "seconds": progress.seconds,
+                           "dgi_values": list(every_step.dgi_values) if every_step is not None else []}
+                self._checkpoint(net, opt, opt_g, rng, best=False, partial=partial, epoch_rng=epoch_rng)
+
+        return on_step
 
     def _check_weights(self, net, epoch: int) -> None:
         """Weights are checked at every step; this catches buffers and anything trained outside

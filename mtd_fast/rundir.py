@@ -195,29 +195,34 @@ class RunDir:
             record = {"format": RUN_FORMAT, "version": RUN_VERSION, "identity": identity, **provenance}
             _atomic_bytes(self.path / RUN_FILE, _json_bytes(record))
 
-    def note_resume(self, epochs_done: int, provenance: dict[str, Any]) -> None:
-        """Append to run.json's `resumes` the process that goes on after `epochs_done` epochs."""
+    def note_resume(self, epochs_done: int, provenance: dict[str, Any], steps_done: int = 0) -> None:
+        """Append to run.json's `resumes` the process that goes on after `epochs_done` epochs
+        (and `steps_done` steps of the next one, from a mid-epoch checkpoint: `after_step`)."""
         if not self.writer:
             return
         f = self.path / RUN_FILE
         record = json.loads(f.read_text())
-        entry = {"after_epoch": int(epochs_done), **{k: provenance[k] for k in ("commit", "commit_dirty", "command")},
-                 "date": provenance["created"]}
+        entry = {"after_epoch": int(epochs_done), **({"after_step": int(steps_done)} if steps_done else {}),
+                 **{k: provenance[k] for k in ("commit", "commit_dirty", "command")}, "date": provenance["created"]}
         record["resumes"] = [*record.get("resumes", []), entry]
         _atomic_bytes(f, _json_bytes(record))
 
     def code_versions(self, epochs_run: Optional[int] = None) -> list[dict[str, Any]]:
         """[{"from_epoch", "commit", "commit_dirty"}]: the code that trained each stretch of epochs,
-        from run.json (the start and every resumption; consecutive equal commits merged). With
-        `epochs_run`, a resumption after the last epoch (one that only finished the run: the
-        final test of a run that had already stopped) is left out: it trained no epoch."""
+        from run.json (the start and every resumption; consecutive equal commits merged). A
+        resumption from a mid-epoch checkpoint starts its stretch at step `from_step` (> 1) of
+        `from_epoch`. With `epochs_run`, a resumption after the last epoch (one that only finished
+        the run: the final test of a run that had already stopped) is left out: it trained no epoch."""
         record = json.loads((self.path / RUN_FILE).read_text())
         out: list[dict[str, Any]] = []
-        for start, r in [(1, record), *((e["after_epoch"] + 1, e) for e in record.get("resumes", []))]:
+        starts = [((1, 1), record), *(((e["after_epoch"] + 1, e.get("after_step", 0) + 1), e)
+                                      for e in record.get("resumes", []))]
+        for start, r in starts:
             version = {"commit": r.get("commit"), "commit_dirty": r.get("commit_dirty")}
-            out = [v for v in out if v["from_epoch"] < start]  # a resume from an earlier checkpoint redoes epochs
+            # a resume from an earlier checkpoint redoes what came after it
+            out = [v for v in out if (v["from_epoch"], v.get("from_step", 1)) < start]
             if not out or {k: out[-1][k] for k in version} != version:
-                out.append({"from_epoch": start, **version})
+                out.append({"from_epoch": start[0], **({"from_step": start[1]} if start[1] > 1 else {}), **version})
         return [v for v in out if epochs_run is None or v["from_epoch"] <= max(epochs_run, 1)]
 
     def check_identity(self, identity: dict[str, Any]) -> None:

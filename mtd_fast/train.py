@@ -30,6 +30,7 @@ evaluation); the run's state machine (run directory, resume, the epoch loop) is
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -54,8 +55,8 @@ from .models.layers import FifoMemory
 from .run import Run
 
 __all__ = ["train", "evaluate", "TrainResult", "build_model", "evaluate_samples", "train_step", "dgi_step",
-           "graph_side", "GraphEveryStep", "epoch_lr", "rec_epoch", "graph_phase", "distributed_graph_phase",
-           "seed_everything"]
+           "graph_side", "GraphEveryStep", "EpochProgress", "epoch_lr", "rec_epoch", "graph_phase",
+           "distributed_graph_phase", "seed_everything"]
 
 log = logging.getLogger("mtd_fast")
 
@@ -103,12 +104,12 @@ def _bars_wanted(quiet: bool) -> bool:
         return False
 
 
-def _progress(iterable, total: int, desc: str, quiet: bool):
+def _progress(iterable, total: int, desc: str, quiet: bool, initial: int = 0):
     if not _bars_wanted(quiet):
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, initial=initial)
 
 
 def _logging_shows_info() -> bool:
@@ -435,35 +436,59 @@ def train_step(net, samples: Samples, idx: np.ndarray, opt, params, l2: float,
     return value
 
 
+@dataclass
+class EpochProgress:
+    """Where a recommendation epoch stands after its first `steps` steps: the sum of the
+    per-sample losses and the samples seen so far, and the training seconds spent on them
+    (a mid-epoch checkpoint stores it; `rec_epoch` goes on from it)."""
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    samples: int = 0
+    seconds: float = 0.0
+
+
 def rec_epoch(net, samples: Samples, opt, params, cfg: TrainConfig, rng: np.random.Generator, quiet: bool,
               epoch: int, graph: Optional[GraphEveryStep] = None, *,
-              dist: Optional[Dist] = None) -> tuple[float, int, float]:
+              dist: Optional[Dist] = None, progress: Optional[EpochProgress] = None,
+              on_step: Optional[Callable[[EpochProgress, int], None]] = None) -> tuple[float, int, float]:
     """Recommendation epoch number `epoch` (1-based): `train_step` over the batches of one
     shuffle of `samples` by `rng` (at most cfg.max_steps_per_epoch), with the linear warm-up of
     cfg.warmup_steps over the first steps of the run. Returns (mean loss per sample, samples
-    seen, seconds)."""
+    seen, seconds).
+
+    `progress`: the epoch's first `progress.steps` steps are already done (a resumption from
+    a mid-epoch checkpoint: `rng` must be in its state from before this epoch's shuffle, so
+    the same batches are drawn); the epoch goes on from there and its totals include them.
+    `on_step(progress, n_steps)` runs after every step (the run's mid-epoch checkpoints)."""
     dist = dist if dist is not None else _SINGLE
     t0 = time.perf_counter()
+    progress = EpochProgress() if progress is None else dataclasses.replace(progress)
     net.train()
     batches = list(iter_batches(len(samples), cfg.batch_size, rng))  # the same global batches on every rank
     if cfg.max_steps_per_epoch is not None:
         batches = batches[:cfg.max_steps_per_epoch]
-    bar = _progress(batches, len(batches), f"epoch {epoch}", quiet)
+    if not 0 <= progress.steps <= len(batches):
+        raise ValueError(f"epoch {epoch} has {len(batches)} steps; cannot go on after step {progress.steps}")
     # memory models (CSRM, CoSAN): every process writes the global batch, not its own shard
     memories = [m for m in net.modules() if isinstance(m, FifoMemory)] if dist.enabled else []
     for m in memories:
         m.gather = dist.all_gather_rows
+    base = progress.seconds  # the steps a previous process trained
     try:
-        total, n = _rec_steps(net, samples, batches, bar, opt, params, cfg, epoch, graph, dist)
+        _rec_steps(net, samples, batches, opt, params, cfg, epoch, graph, dist, progress, on_step, quiet,
+                   lambda: base + time.perf_counter() - t0)
     finally:
         for m in memories:
             m.gather = None
-    return total / max(n, 1), n, time.perf_counter() - t0
+    return progress.loss_sum / max(progress.samples, 1), progress.samples, base + time.perf_counter() - t0
 
 
-def _rec_steps(net, samples, batches, bar, opt, params, cfg, epoch, graph, dist) -> tuple[float, int]:
-    total, n = 0.0, 0
-    for i, idx in enumerate(bar):
+def _rec_steps(net, samples, batches, opt, params, cfg, epoch, graph, dist, progress: EpochProgress, on_step,
+               quiet: bool, clock: Callable[[], float]) -> None:
+    start = progress.steps
+    bar = _progress(batches[start:], len(batches), f"epoch {epoch}", quiet, initial=start)
+    for i, idx in enumerate(bar, start):
         done = (epoch - 1) * len(batches) + i  # steps before this one (every epoch has len(batches) steps)
         if done < cfg.warmup_steps:  # linear warm-up from lr / warmup_steps to the epoch's lr
             lr = epoch_lr(cfg, epoch - 1) * (done + 1) / cfg.warmup_steps
@@ -478,11 +503,13 @@ def _rec_steps(net, samples, batches, bar, opt, params, cfg, epoch, graph, dist)
             lr_now = opt.param_groups[0]["lr"]
             raise FloatingPointError(f"epoch {epoch}, step {i + 1} of {len(batches)}: {exc} (lr={lr_now:g}); "
                                      "try a lower lr") from None
-        total += value * len(idx)
-        n += len(idx)
+        progress.loss_sum += value * len(idx)
+        progress.samples += len(idx)
+        progress.steps, progress.seconds = i + 1, clock()
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-    return total, n
+        if on_step is not None:
+            on_step(progress, len(batches))
 
 
 _SINGLE = Dist.__new__(Dist)  # the single-process context, without touching torch.distributed
@@ -536,13 +563,18 @@ def _determinism(flag: Optional[bool], device: str):
 
 # ---- entry point ------------------------------------------------------------------------------
 def train(dataset: Dataset, *, model: str = "mtd", epochs: int = 10, seed: int = 0, backend: Any = None,
-          quiet: bool = False, run_dir: Any = None, resume: bool = False, **overrides: Any) -> TrainResult:
+          quiet: bool = False, run_dir: Any = None, resume: bool = False, checkpoint_every: Optional[int] = None,
+          **overrides: Any) -> TrainResult:
     """Train `model` on `dataset` with the MTD schedule; pick the epoch on validation.
 
     `overrides`: any field of `MTDConfig` or `TrainConfig` (unknown names raise TypeError).
     `backend`: None means `$MTD_FAST_BACKEND` when set, else "auto" (an explicit value wins).
     `run_dir`: a folder that receives configs, per-epoch JSON lines, curves and atomic
     checkpoints (`mtd_fast.rundir`); `resume=True` continues the run in it exactly.
+    `checkpoint_every`: with `run_dir`, also checkpoint after every that many training steps
+    within an epoch (default: at the end of each epoch and graph phase only), so a run killed
+    mid-epoch loses at most that many steps; a resumption from such a checkpoint is as exact
+    as from an epoch's end. It does not change what is trained.
     Inside an initialised torch.distributed process group the run is data-parallel.
     """
     if not isinstance(dataset, Dataset):
@@ -557,6 +589,11 @@ def train(dataset: Dataset, *, model: str = "mtd", epochs: int = 10, seed: int =
         raise ValueError("resume=True needs run_dir=PATH: the run directory to continue")
     if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
         raise TypeError(f"run_dir must be a path, got {type(run_dir).__name__}")
+    if checkpoint_every is not None:
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every={checkpoint_every!r} must be an int >= 1 (training steps) or None")
+        if run_dir is None:
+            raise ValueError("checkpoint_every needs run_dir=PATH: the run directory that keeps the checkpoints")
     model_class(model)  # unknown names fail before any work
     if len(dataset.test) == 0:
         raise DataError(f"dataset {dataset.name!r} has no test samples: nothing to report after training")
@@ -586,7 +623,8 @@ def train(dataset: Dataset, *, model: str = "mtd", epochs: int = 10, seed: int =
                 f"backend={backend!r}" + "".join(f", {k}={v!r}" for k, v in overrides.items()) + ")")
     try:
         with _determinism(tcfg.deterministic, tcfg.device):
+            # this module is the trainer: Run calls its step functions here
             return Run(sys.modules[__name__], dataset, model, epochs, seed, backend, quiet, mcfg, tcfg, dist, run,
-                       resume, api_call).go()  # this module is the trainer: Run calls its step functions here
+                       resume, api_call, checkpoint_every).go()
     finally:
         torch.set_num_threads(threads_before)  # num_threads applies to this run only

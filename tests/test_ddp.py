@@ -86,16 +86,21 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, mode):
         assert abs(a["metrics"][k] - b["metrics"][k]) <= 2 * 100 / n_test, k
 
 
-def test_resume_under_ddp_is_exact(tmp_path):
+@pytest.mark.parametrize("every", [None, 2])
+def test_resume_under_ddp_is_exact(tmp_path, every):
     """Both ranks SIGKILLed mid-epoch 2 (dropout on: each rank's own RNG states are in the
-    checkpoint), resumed on 2 ranks: equal bit for bit to the uninterrupted 2-rank run."""
+    checkpoint), resumed on 2 ranks: equal bit for bit to the uninterrupted 2-rank run; from
+    the end of epoch 1, or (checkpoint_every=2) from step 2 of epoch 2."""
     ok(launch(2, tmp_path / "ref.json", "--run-dir", str(tmp_path / "ref")))
-    dead = launch(2, tmp_path / "dead.json", "--run-dir", str(tmp_path / "run"), "--kill", "train_step:9")
+    opt = ["--option", f"checkpoint_every={every}"]
+    dead = launch(2, tmp_path / "dead.json", "--run-dir", str(tmp_path / "run"), "--kill", "train_step:9", *opt)
     assert [r.returncode for r in dead] == [-9, -9]
-    ok(launch(2, tmp_path / "resumed.json", "--run-dir", str(tmp_path / "run"), "--resume"))
+    ok(launch(2, tmp_path / "resumed.json", "--run-dir", str(tmp_path / "run"), "--resume", *opt))
     assert_same_run(tmp_path / "ref.json", tmp_path / "resumed.json")
     rec = json.loads((tmp_path / "run" / "run.json").read_text())
     assert rec["identity"]["world_size"] == 2
+    (resumed,) = rec["resumes"]
+    assert (resumed["after_epoch"], resumed.get("after_step")) == ((1, 2) if every else (1, None))
     # a different number of processes is another run
     r = subprocess.run([sys.executable, str(DRIVER), str(tmp_path / "one.json"), "--run-dir", str(tmp_path / "run"),
                         "--resume"], capture_output=True, text=True, timeout=240,

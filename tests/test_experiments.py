@@ -204,6 +204,25 @@ def test_interrupted_run_resumes_from_its_partial_run_directory(tmp_path, monkey
     assert "cannot be resumed" in capsys.readouterr().err
 
 
+def test_interrupted_run_resumes_from_a_mid_epoch_checkpoint(tmp_path, monkeypatch):
+    """With checkpoint_every=1 an interruption in epoch 3 loses no finished step: the next
+    invocation trains only the step that was cut short, and the record is the uninterrupted one."""
+    s = spec("mtd", epochs=3, over={"max_steps_per_epoch": 3})
+    ref = run_all([s], tmp_path / "ref", quiet=True)[0]  # the default: 200 steps apart, none here
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        interrupt_at(m, 8)  # epoch 3, step 2: checkpointed after epoch 3's step 1
+        with pytest.raises(Interrupt):
+            run_all([s], out, quiet=True, checkpoint_every=1)
+    steps = []
+    real_step = train_module.train_step
+    monkeypatch.setattr(train_module, "train_step", lambda *a, **kw: steps.append(1) or real_step(*a, **kw))
+    rec = run_all([s], out, quiet=True, checkpoint_every=1)[0]
+    assert len(steps) == 2  # steps 2 and 3 of epoch 3
+    assert without_timings(rec) == without_timings(ref)
+    assert rec["metrics"] == ref["metrics"] and rec["resumed_at_epoch"] == 2
+
+
 def test_merged_table_equals_the_files(tmp_path):
     specs = [spec(m, s) for m in ("stamp", "pop") for s in (0, 1)] + [spec("pop", 0, label="pop-again")]
     run_all(specs, tmp_path, quiet=True)

@@ -75,6 +75,61 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, reference, mode, kill
                                                   "epochs.jsonl", "result.json", "run.json"]
 
 
+@pytest.mark.parametrize("mode,kill,steps_saved", [
+    ("residual", "train_step:10", 2),    # 9 steps done (epoch 2: 3 of 6); the last checkpoint after step 2
+    ("overwrite", "train_step:11", 4),   # epoch 2: 4 of 6 done, after its graph phase
+])
+def test_killed_mid_epoch_resumes_from_the_mid_epoch_checkpoint(tmp_path, reference, mode, kill, steps_saved):
+    """checkpoint_every=2: a run killed in epoch 2 resumes after that epoch's last saved step,
+    not at its start, and still ends bit for bit where the uninterrupted run (which wrote no
+    mid-epoch checkpoint) ends: the option changes nothing that is trained."""
+    rd = tmp_path / "run"
+    opt = ["--option", f"graph_mode={mode}", "--option", "checkpoint_every=2"]
+    run(tmp_path / "dead.json", "--run-dir", str(rd), "--kill", kill, *opt, expect_kill=True)
+    from mtd_fast.rundir import RunDir
+
+    state, _ = RunDir(rd).load_checkpoint()
+    assert state["position"]["epoch"] == 1 and state["position"]["step"] == steps_saved
+    partial = state["partial_epoch"]
+    assert partial["steps"] == steps_saved and partial["samples"] == 64 * steps_saved
+    assert len(partial["dgi_values"]) == (steps_saved if mode == "residual" else 0)
+    assert state["best_epoch"] == 1 and state["best_state"] is not None  # the model itself has moved on
+    assert len((rd / "epochs.jsonl").read_text().splitlines()) == 1
+    run(tmp_path / "resumed.json", "--run-dir", str(rd), "--resume", *opt)
+    assert_same_run(reference[mode], tmp_path / "resumed.json")
+    (resumed,) = json.loads((rd / "run.json").read_text())["resumes"]
+    assert resumed["after_epoch"] == 1 and resumed["after_step"] == steps_saved
+    assert [json.loads(x)["epoch"] for x in (rd / "epochs.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_checkpoint_every_refusals(tmp_path):
+    import mtd_fast
+
+    ds = mtd_fast.load_dataset("synthetic", n_sessions=200, n_items=40)
+    with pytest.raises(ValueError, match="checkpoint_every needs run_dir"):
+        mtd_fast.train(ds, epochs=1, quiet=True, checkpoint_every=5)
+    for bad in (0, -1, 2.5, True, "10"):
+        with pytest.raises(ValueError, match=r"checkpoint_every=.* must be an int >= 1"):
+            mtd_fast.train(ds, epochs=1, quiet=True, run_dir=tmp_path / "r", checkpoint_every=bad)
+
+
+def test_malformed_mid_epoch_progress_is_named(tmp_path):
+    """A checkpoint whose mid-epoch progress is damaged (but whose digest fits: written so) is
+    refused with the file named, not resumed into a wrong epoch."""
+    import mtd_fast
+    from mtd_fast.rundir import RunDir, RunDirError
+
+    ds = mtd_fast.load_dataset("synthetic", n_sessions=400, n_items=60)
+    kw = dict(epochs=2, seed=0, quiet=True, hidden_size=16, batch_size=64, max_steps_per_epoch=4)
+    rd = tmp_path / "run"
+    mtd_fast.train(ds, run_dir=rd, **kw)
+    state, _ = RunDir(rd).load_checkpoint()
+    state["partial_epoch"] = {"steps": "2", "loss_sum": 1.0, "samples": 128, "seconds": 1.0, "dgi_values": []}
+    RunDir(rd).save_checkpoint(state, best=False)
+    with pytest.raises(RunDirError, match=r"checkpoint_last.pt: its mid-epoch progress is malformed"):
+        mtd_fast.train(ds, run_dir=rd, resume=True, **{**kw, "epochs": 3})
+
+
 def test_corrupt_last_checkpoint_falls_back_to_best(tmp_path, reference):
     rd = tmp_path / "run"
     opt = ["--option", "graph_mode=overwrite"]
@@ -238,3 +293,12 @@ def test_code_versions_follow_the_resumptions(tmp_path):
     assert rd.code_versions()[-1] == {"from_epoch": 7, "commit": "e", "commit_dirty": False}
     assert not RunDir(tmp_path, writer=False).note_resume(9, prov("d"))  # rank > 0 writes nothing
     assert len(json.loads((tmp_path / "run.json").read_text())["resumes"]) == 4
+    # mid-epoch checkpoints: a stretch starts at a step of an epoch, and one from an earlier
+    # point (the last checkpoint broken: back to the previous one) replaces what came after
+    rd.note_resume(7, prov("f"), steps_done=200)
+    assert rd.code_versions()[-1] == {"from_epoch": 8, "from_step": 201, "commit": "f", "commit_dirty": False}
+    rd.note_resume(7, prov("g"), steps_done=100)
+    rd.note_resume(7, prov("g"), steps_done=400)
+    assert rd.code_versions()[-2:] == [{"from_epoch": 7, "commit": "e", "commit_dirty": False},
+                                       {"from_epoch": 8, "from_step": 101, "commit": "g", "commit_dirty": False}]
+    assert json.loads((tmp_path / "run.json").read_text())["resumes"][-1]["after_step"] == 400
