@@ -48,6 +48,7 @@ class Trainer(Protocol):
     set_lr: Callable[[Optional[torch.optim.Optimizer], float], None]
     rec_epoch: Callable[..., tuple[float, int, float]]
     EpochProgress: Callable[..., Any]
+    steps_per_epoch: Callable[[int, TrainConfig], int]
     distributed_graph_phase: Callable[..., tuple[float, int, float]]
     evaluate_samples: Callable[..., dict[str, float]]
     first_nonfinite: Callable[[list], Optional[str]]
@@ -75,20 +76,28 @@ def _set_rng_state(s: dict[str, Any], rng: np.random.Generator) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def _checked_partial(partial: Any, where: str) -> Optional[dict[str, Any]]:
-    """A checkpoint's `partial_epoch` (None, or the progress of a mid-epoch checkpoint), checked."""
-    if partial is None:
-        return None
+def _checked_partial(state: dict[str, Any], n_steps: int, batch_size: int, where: str) -> Optional[dict[str, Any]]:
+    """A checkpoint's `partial_epoch` (None at an epoch's end, or the progress of a mid-epoch
+    checkpoint: its first `steps` of the epoch's `n_steps` steps), checked against the rest."""
     from .rundir import RunDirError
+
+    partial, pos = state.get("partial_epoch"), state["position"]
 
     def count(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
-    ok = (isinstance(partial, dict) and count(partial.get("steps")) and partial["steps"] > 0
-          and count(partial.get("samples")) and isinstance(partial.get("loss_sum"), float)
-          and isinstance(partial.get("seconds"), float) and isinstance(partial.get("dgi_values"), list))
+    if partial is None:
+        ok = pos.get("step", 0) == 0
+    else:
+        ok = (isinstance(partial, dict) and count(partial.get("steps")) and 0 < partial["steps"] < n_steps
+              and pos.get("step") == partial["steps"] and not pos["stopped"] and count(partial.get("samples"))
+              and 0 < partial["samples"] <= partial["steps"] * batch_size
+              and all(isinstance(partial.get(k), float) for k in ("loss_sum", "seconds"))
+              and isinstance(partial.get("dgi_values"), list)
+              and all(isinstance(v, float) for v in partial["dgi_values"]))
     if not ok:
-        raise RunDirError(f"{where}: its mid-epoch progress is malformed ({partial!r:.200}): not a complete checkpoint")
+        raise RunDirError(f"{where}: its mid-epoch progress does not fit this run (position {pos!r:.100}, progress "
+                          f"{partial!r:.200}, {n_steps} steps per epoch): not a complete checkpoint")
     return partial
 
 
@@ -229,7 +238,8 @@ class Run:
                                else {k: v.to(self.device) for k, v in state["best_state"].items()})
             self.epoch_done, self.graph_done = int(pos["epoch"]), bool(pos["graph_done"])
             self.stopped, self.phase_result = bool(pos["stopped"]), state.get("phase_result")
-            self.partial = _checked_partial(state.get("partial_epoch"), where)  # absent: an epoch-end checkpoint
+            self.partial = _checked_partial(state, self.trainer.steps_per_epoch(len(self.ds.train), self.tcfg),
+                                            self.tcfg.batch_size, where)
             _set_rng_state(state["rng"][self.dist.rank], rng)
         except KeyError as exc:
             raise RunDirError(f"{where}: the training state lacks {exc}: not a complete checkpoint") from None

@@ -14,8 +14,10 @@
   each epoch (needs matplotlib; skipped with one log line without it);
 - `checkpoint_last.pt`: the whole training state after every epoch and every graph
   phase (model, both optimizers, every RNG state, schedule position, best-so-far weights,
-  metrics and patience counter); `checkpoint_best.pt`: the same state at the best
-  validation epoch so far. Only these two are kept;
+  metrics and patience counter), and with `train(checkpoint_every=N)` after every N-th
+  step within an epoch too (plus the epoch's progress: format version 2);
+  `checkpoint_best.pt`: the same state at the best validation epoch so far. Only these
+  two are kept;
 - `result.json`: the final metrics once the run has ended.
 
 Every file is replaced atomically (temporary file in the folder, fsync, rename), so a
@@ -48,7 +50,9 @@ __all__ = ["RunDir", "RunDirError", "dataset_identity", "provenance", "curves_pn
 log = logging.getLogger("mtd_fast")
 
 RUN_FORMAT, RUN_VERSION = "mtd_fast.run", 1
-CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "mtd_fast.checkpoint", 1
+# version 2: a mid-epoch checkpoint (`partial_epoch`); epoch-end checkpoints stay version 1, so
+# code from before mid-epoch checkpoints resumes from those and refuses (skips) the others
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "mtd_fast.checkpoint", 2
 RUN_FILE, EPOCHS_FILE, CURVES_FILE, RESULT_FILE = "run.json", "epochs.jsonl", "curves.png", "result.json"
 LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
 _RUN_FILES = (RUN_FILE, EPOCHS_FILE, LAST, BEST, RESULT_FILE)
@@ -279,7 +283,8 @@ class RunDir:
         """Write the state to checkpoint_last.pt (and checkpoint_best.pt when `best`)."""
         if not self.writer:
             return
-        payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "state": state}
+        version = 2 if state.get("partial_epoch") is not None else 1
+        payload = {"format": CHECKPOINT_FORMAT, "version": version, "state": state}
         payload["digest"] = state_digest(payload)
         buf = io.BytesIO()
         torch.save(payload, buf)

@@ -55,7 +55,7 @@ from .models.layers import FifoMemory
 from .run import Run
 
 __all__ = ["train", "evaluate", "TrainResult", "build_model", "evaluate_samples", "train_step", "dgi_step",
-           "graph_side", "GraphEveryStep", "EpochProgress", "epoch_lr", "rec_epoch", "graph_phase",
+           "graph_side", "GraphEveryStep", "EpochProgress", "epoch_lr", "steps_per_epoch", "rec_epoch", "graph_phase",
            "distributed_graph_phase", "seed_everything"]
 
 log = logging.getLogger("mtd_fast")
@@ -468,6 +468,7 @@ def rec_epoch(net, samples: Samples, opt, params, cfg: TrainConfig, rng: np.rand
     batches = list(iter_batches(len(samples), cfg.batch_size, rng))  # the same global batches on every rank
     if cfg.max_steps_per_epoch is not None:
         batches = batches[:cfg.max_steps_per_epoch]
+    assert len(batches) == steps_per_epoch(len(samples), cfg)
     if not 0 <= progress.steps <= len(batches):
         raise ValueError(f"epoch {epoch} has {len(batches)} steps; cannot go on after step {progress.steps}")
     # memory models (CSRM, CoSAN): every process writes the global batch, not its own shard
@@ -484,16 +485,31 @@ def rec_epoch(net, samples: Samples, opt, params, cfg: TrainConfig, rng: np.rand
     return progress.loss_sum / max(progress.samples, 1), progress.samples, base + time.perf_counter() - t0
 
 
+def steps_per_epoch(n_samples: int, cfg: TrainConfig) -> int:
+    """The number of training steps (batches) of an epoch over `n_samples` samples."""
+    n = -(-n_samples // cfg.batch_size)
+    return n if cfg.max_steps_per_epoch is None else min(n, cfg.max_steps_per_epoch)
+
+
+def _warm_up(cfg: TrainConfig, epoch: int, done: int, opt, graph: Optional[GraphEveryStep]) -> None:
+    """The linear warm-up from lr / warmup_steps to the epoch's lr: set the lr of the run's step
+    `done` (0-based; nothing once the warm-up is over, the epoch's lr stays)."""
+    if done < cfg.warmup_steps:
+        lr = epoch_lr(cfg, epoch - 1) * (done + 1) / cfg.warmup_steps
+        set_lr(opt, lr)
+        set_lr(graph.opt if graph is not None else None, lr)
+
+
 def _rec_steps(net, samples, batches, opt, params, cfg, epoch, graph, dist, progress: EpochProgress, on_step,
                quiet: bool, clock: Callable[[], float]) -> None:
-    start = progress.steps
+    start, first = progress.steps, (epoch - 1) * len(batches)  # first: the run's steps before this epoch
+    last_warm = min(first + start, cfg.warmup_steps) - 1  # the last warm-up step among those done
+    if start and last_warm >= first:  # resumed mid-epoch after warm-up steps of this epoch: the lr they left
+        _warm_up(cfg, epoch, last_warm, opt, graph)
     bar = _progress(batches[start:], len(batches), f"epoch {epoch}", quiet, initial=start)
     for i, idx in enumerate(bar, start):
-        done = (epoch - 1) * len(batches) + i  # steps before this one (every epoch has len(batches) steps)
-        if done < cfg.warmup_steps:  # linear warm-up from lr / warmup_steps to the epoch's lr
-            lr = epoch_lr(cfg, epoch - 1) * (done + 1) / cfg.warmup_steps
-            set_lr(opt, lr)
-            set_lr(graph.opt if graph is not None else None, lr)
+        done = first + i  # steps before this one (every epoch has len(batches) steps)
+        _warm_up(cfg, epoch, done, opt, graph)
         if graph is not None:
             graph.step = done
         try:

@@ -114,8 +114,9 @@ def test_checkpoint_every_refusals(tmp_path):
 
 
 def test_malformed_mid_epoch_progress_is_named(tmp_path):
-    """A checkpoint whose mid-epoch progress is damaged (but whose digest fits: written so) is
-    refused with the file named, not resumed into a wrong epoch."""
+    """A checkpoint whose mid-epoch progress is damaged or does not fit the run (but whose
+    digest fits: written so) is refused with the file named before anything is trained or
+    noted, not resumed into a wrong epoch."""
     import mtd_fast
     from mtd_fast.rundir import RunDir, RunDirError
 
@@ -124,10 +125,82 @@ def test_malformed_mid_epoch_progress_is_named(tmp_path):
     rd = tmp_path / "run"
     mtd_fast.train(ds, run_dir=rd, **kw)
     state, _ = RunDir(rd).load_checkpoint()
-    state["partial_epoch"] = {"steps": "2", "loss_sum": 1.0, "samples": 128, "seconds": 1.0, "dgi_values": []}
+    good = {"steps": 2, "loss_sum": 1.0, "samples": 128, "seconds": 1.0, "dgi_values": [0.5, 0.6]}
+    for partial, step in [({**good, "steps": "2"}, 2),
+                          ({**good, "steps": 4, "samples": 256}, 4),  # the epoch has 4 steps: not mid-epoch
+                          ({**good, "dgi_values": ["x"]}, 2),
+                          ({**good, "samples": 129}, 2),  # more than 2 batches of 64
+                          (good, 3),  # the position disagrees with the progress
+                          (None, 2)]:  # a step without progress
+        state["partial_epoch"], state["position"]["step"] = partial, step
+        RunDir(rd).save_checkpoint(state, best=False)
+        with pytest.raises(RunDirError, match=r"checkpoint_last.pt: its mid-epoch progress does not fit this run"):
+            mtd_fast.train(ds, run_dir=rd, resume=True, **{**kw, "epochs": 3})
+    assert "resumes" not in json.loads((rd / "run.json").read_text())
+    state["partial_epoch"], state["position"]["step"] = good, 2
     RunDir(rd).save_checkpoint(state, best=False)
-    with pytest.raises(RunDirError, match=r"checkpoint_last.pt: its mid-epoch progress is malformed"):
-        mtd_fast.train(ds, run_dir=rd, resume=True, **{**kw, "epochs": 3})
+    assert mtd_fast.train(ds, run_dir=rd, resume=True, **{**kw, "epochs": 3}).history[2]["train_samples"] > 128
+
+
+def test_mid_epoch_checkpoints_are_a_newer_version(tmp_path):
+    """A mid-epoch checkpoint is version 2 (an epoch's end stays 1): code that reads only
+    version 1 would take it for an epoch's end and train the epoch's first steps twice; it
+    refuses it instead (and falls back to the best, epoch-end checkpoint)."""
+    import mtd_fast
+    from mtd_fast.rundir import CHECKPOINT_FORMAT
+    from mtd_fast.serialization import ModelFileError, read_payload
+
+    ds = mtd_fast.load_dataset("synthetic", n_sessions=400, n_items=60)
+    rd = tmp_path / "run"
+    mtd_fast.train(ds, epochs=1, quiet=True, hidden_size=16, batch_size=64, max_steps_per_epoch=4, run_dir=rd)
+    assert read_payload(rd / "checkpoint_last.pt", CHECKPOINT_FORMAT, 1, "checkpoint")["version"] == 1
+    real = mtd_fast.rundir.RunDir.save_checkpoint
+    kept = []
+
+    def keep(self, state, best):
+        real(self, state, best)
+        if state["partial_epoch"] is not None:
+            kept.append((self.path / "checkpoint_last.pt").read_bytes())
+
+    mtd_fast.rundir.RunDir.save_checkpoint = keep
+    try:
+        mtd_fast.train(ds, epochs=1, quiet=True, hidden_size=16, batch_size=64, max_steps_per_epoch=4,
+                       run_dir=tmp_path / "mid", checkpoint_every=2)
+    finally:
+        mtd_fast.rundir.RunDir.save_checkpoint = real
+    (tmp_path / "mid.pt").write_bytes(kept[0])
+    assert read_payload(tmp_path / "mid.pt", CHECKPOINT_FORMAT, 2, "checkpoint")["version"] == 2
+    with pytest.raises(ModelFileError, match="written by a newer mtd_fast"):
+        read_payload(tmp_path / "mid.pt", CHECKPOINT_FORMAT, 1, "checkpoint")
+
+
+def test_resumed_mid_epoch_keeps_the_lr_the_warm_up_left():
+    """The warm-up sets lr * (k + 1) / w at step k, and its last value (lr * w / w, not always
+    lr to the last bit: 1e-4 * 13 / 13 != 1e-4) stays until the epoch ends; a resumption
+    later in that epoch sets that value again instead of the epoch's lr."""
+    import numpy as np
+
+    import mtd_fast
+    from mtd_fast.config import MTDConfig, TrainConfig
+    from mtd_fast.train import EpochProgress, adam, build_model, rec_epoch
+
+    assert 1e-4 * 13 / 13 != 1e-4
+    ds = mtd_fast.load_dataset("synthetic", n_sessions=600, n_items=60)
+    cfg = TrainConfig(lr=1e-4, warmup_steps=13, batch_size=32, max_steps_per_epoch=16)
+
+    def lrs(progress):
+        torch.manual_seed(0)
+        net = build_model("stamp", ds.n_items, MTDConfig(hidden_size=8), cfg)
+        opt = adam(net.rec_parameters(), lr=cfg.lr)
+        seen = []
+        rec_epoch(net, ds.train, opt, net.rec_parameters(), cfg, np.random.default_rng(0), True, 1,
+                  progress=progress, on_step=lambda p, n: seen.append(opt.param_groups[0]["lr"]))
+        return seen
+
+    full = lrs(None)
+    assert len(full) == 16 and full[12] == full[15] == 1e-4 * 13 / 13
+    for start in (13, 14):
+        assert lrs(EpochProgress(steps=start, loss_sum=1.0, samples=32 * start, seconds=1.0)) == full[start:]
 
 
 def test_corrupt_last_checkpoint_falls_back_to_best(tmp_path, reference):
