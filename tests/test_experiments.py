@@ -214,6 +214,10 @@ def test_interrupted_run_resumes_from_a_mid_epoch_checkpoint(tmp_path, monkeypat
         interrupt_at(m, 8)  # epoch 3, step 2: checkpointed after epoch 3's step 1
         with pytest.raises(Interrupt):
             run_all([s], out, quiet=True, checkpoint_every=1)
+    from mtd_fast.experiments.status import study_status
+
+    (row,) = study_status(out)
+    assert row["state"] == "in progress or interrupted" and row["epochs"] == "2/3 + 1 step"
     steps = []
     real_step = train_module.train_step
     monkeypatch.setattr(train_module, "train_step", lambda *a, **kw: steps.append(1) or real_step(*a, **kw))

@@ -2,8 +2,9 @@
 folder alone (no data loaded, nothing trained, safe beside a running invocation).
 
 One row per result file (finished; or invalid, to be redone) and per run directory under
-`.partial/` (in progress or interrupted: it resumes from its last epoch on the next
-invocation; `.stale*`: set aside, never resumed). For unfinished runs the best epoch so
+`.partial/` (in progress or interrupted: it resumes from its last checkpoint on the next
+invocation, "+ N steps" when that is N steps into the next epoch; `.stale*`: set aside,
+never resumed). For unfinished runs the best epoch so
 far is the trainer's rule (validation P@20, ties by MRR@20); test metrics are not shown.
 """
 from __future__ import annotations
@@ -55,8 +56,23 @@ def _best(history: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
     return best
 
 
+def _steps_checkpointed(run_dir: Path) -> Optional[int]:
+    """The steps of the next epoch that the last checkpoint holds (a mid-epoch checkpoint,
+    `train(checkpoint_every=...)`), else None. The file is memory-mapped, its tensors not read."""
+    import torch
+
+    from ..rundir import LAST
+
+    try:
+        partial = torch.load(run_dir / LAST, map_location="cpu", weights_only=True, mmap=True)["state"].get(
+            "partial_epoch")
+        return int(partial["steps"]) if partial else None
+    except Exception:  # absent, being replaced, torn, or not a checkpoint: nothing to add
+        return None
+
+
 def _partial_row(run_dir: Path) -> dict[str, Any]:
-    from ..rundir import EPOCHS_FILE, RUN_FILE
+    from ..rundir import EPOCHS_FILE, LAST, RUN_FILE
 
     try:
         cap = json.loads((run_dir / RUN_FILE).read_text())["identity"]["epochs"]
@@ -66,13 +82,15 @@ def _partial_row(run_dir: Path) -> dict[str, Any]:
     best = _best(history)
     stale = ".stale" in run_dir.name
     name = run_dir.name.split(".stale")[0]
+    steps = _steps_checkpointed(run_dir)
     return {"run": name, "state": "set aside (not resumed)" if stale else "in progress or interrupted",
-            "epochs": f"{len(history)}/{cap if cap is not None else '?'}",
+            "epochs": f"{len(history)}/{cap if cap is not None else '?'}"
+                      + (f" + {steps} step{'s' if steps > 1 else ''}" if steps is not None else ""),
             "best epoch": best["epoch"] if best else "–",
             "valid P@20": best["valid"].get("P@20") if best else None,
             "valid MRR@20": best["valid"].get("MRR@20") if best else None,
             "s/epoch": history[-1].get("train_seconds") if history else None,
-            "updated (UTC)": _mtime(run_dir / EPOCHS_FILE, run_dir / RUN_FILE)}
+            "updated (UTC)": _mtime(run_dir / EPOCHS_FILE, run_dir / RUN_FILE, run_dir / LAST)}
 
 
 def study_status(runs_dir: Path) -> list[dict[str, Any]]:
