@@ -237,6 +237,10 @@ def test_truncated_last_checkpoint_resumed_through_the_cli(tmp_path, reference):
     assert "checkpoint_last.pt" in r.stderr and "checkpoint_best.pt" in r.stderr
     ref = json.loads(reference["overwrite"].read_text())
     assert json.loads(out.read_text())["metrics"] == ref["metrics"]
+    bad = [c for c in cmd if c not in ("--resume", "--json", str(out))] + ["--checkpoint-every", "0"]
+    bad[bad.index("--run-dir") + 1] = str(tmp_path / "other")
+    r = subprocess.run(bad, capture_output=True, text=True, timeout=300, env=ENV)  # the flag reaches train()
+    assert r.returncode != 0 and "checkpoint_every=0 must be an int >= 1" in r.stderr, r.stderr[-2000:]
 
 
 def test_run_directory_contents(reference):
