@@ -89,7 +89,8 @@ def _checked_partial(state: dict[str, Any], n_steps: int, batch_size: int, where
     if partial is None:
         ok = pos.get("step", 0) == 0
     else:
-        ok = (isinstance(partial, dict) and count(partial.get("steps")) and 0 < partial["steps"] < n_steps
+        ok = (isinstance(partial, dict) and set(partial) == {"steps", "loss_sum", "samples", "seconds", "dgi_values"}
+              and count(partial["steps"]) and 0 < partial["steps"] < n_steps
               and pos.get("step") == partial["steps"] and not pos["stopped"] and count(partial.get("samples"))
               and 0 < partial["samples"] <= partial["steps"] * batch_size
               and all(isinstance(partial.get(k), float) for k in ("loss_sum", "seconds"))
@@ -317,7 +318,7 @@ class Run:
             partial, self.partial = self.partial, None
             if every_step is not None:  # the DGI values of the steps a mid-epoch checkpoint holds
                 every_step.dgi_values[:] = partial["dgi_values"] if partial is not None else []
-            progress = (tr.EpochProgress(**{k: partial[k] for k in ("steps", "loss_sum", "samples", "seconds")})
+            progress = (tr.EpochProgress(**{k: v for k, v in partial.items() if k != "dgi_values"})
                         if partial is not None else None)
             epoch_rng = rng.bit_generator.state  # before the shuffle (restored to it when resumed mid-epoch)
             on_step = self._mid_epoch_saver(net, opt, opt_g, rng, epoch_rng, every_step)
@@ -374,8 +375,7 @@ class Run:
 
         def on_step(progress, n_steps: int) -> None:
             if progress.steps % every == 0 and progress.steps < n_steps:
-                partial = {"steps": progress.steps, "loss_sum": progress.loss_sum, "samples": progress.samples,
-                           "seconds": progress.seconds,
+                partial = {**dataclasses.asdict(progress),
                            "dgi_values": list(every_step.dgi_values) if every_step is not None else []}
                 self._checkpoint(net, opt, opt_g, rng, best=False, partial=partial, epoch_rng=epoch_rng)
 

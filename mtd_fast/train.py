@@ -465,10 +465,8 @@ def rec_epoch(net, samples: Samples, opt, params, cfg: TrainConfig, rng: np.rand
     t0 = time.perf_counter()
     progress = EpochProgress() if progress is None else dataclasses.replace(progress)
     net.train()
-    batches = list(iter_batches(len(samples), cfg.batch_size, rng))  # the same global batches on every rank
-    if cfg.max_steps_per_epoch is not None:
-        batches = batches[:cfg.max_steps_per_epoch]
-    assert len(batches) == steps_per_epoch(len(samples), cfg)
+    # the same global batches on every rank
+    batches = list(iter_batches(len(samples), cfg.batch_size, rng))[:steps_per_epoch(len(samples), cfg)]
     if not 0 <= progress.steps <= len(batches):
         raise ValueError(f"epoch {epoch} has {len(batches)} steps; cannot go on after step {progress.steps}")
     # memory models (CSRM, CoSAN): every process writes the global batch, not its own shard
