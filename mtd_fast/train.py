@@ -54,9 +54,9 @@ from .models.base import SessionModel
 from .models.layers import FifoMemory
 from .run import Run
 
-__all__ = ["train", "evaluate", "TrainResult", "build_model", "evaluate_samples", "train_step", "dgi_step",
-           "graph_side", "GraphEveryStep", "EpochProgress", "epoch_lr", "steps_per_epoch", "rec_epoch", "graph_phase",
-           "distributed_graph_phase", "seed_everything"]
+__all__ = ["train", "evaluate", "TrainResult", "build_model", "evaluate_samples", "sample_ranks", "train_step",
+           "dgi_step", "graph_side", "GraphEveryStep", "EpochProgress", "epoch_lr", "steps_per_epoch", "rec_epoch",
+           "graph_phase", "distributed_graph_phase", "seed_everything"]
 
 log = logging.getLogger("mtd_fast")
 
@@ -140,10 +140,8 @@ def build_model(name: str, n_items: int, model_config: MTDConfig, train_config: 
     return net.to(train_config.device)
 
 
-@torch.no_grad()
-def evaluate_samples(model: SessionModel, samples: Samples, batch_size: int = 1024, quiet: bool = True,
-                     desc: str = "eval") -> dict[str, float]:
-    """P/MRR/NDCG @5/10/20 (x100) with full ranking over all M items."""
+def _ranked_batches(model: SessionModel, samples: Samples, batch_size: int, quiet: bool, desc: str):
+    """The target ranks (batch,) of every batch of `samples`, in order, in eval mode."""
     if len(samples) == 0:
         raise DataError("cannot evaluate on an empty split")
     if samples.max_item() > model.n_items:
@@ -153,16 +151,32 @@ def evaluate_samples(model: SessionModel, samples: Samples, batch_size: int = 10
 
     was_training = model.training
     model.eval()
-    acc = MetricAccumulator()
     try:
         batches = list(iter_batches(len(samples), batch_size))
         for idx in _progress(batches, len(batches), desc, quiet):
-            batch = model.batch_from_sessions(samples.prefixes, idx)
-            targets = torch.from_numpy(samples.targets[idx].astype(np.int64)).to(model.device)
-            acc.add(batch_ranks(model, batch, targets))
+            with torch.no_grad():  # not around the yield: grad mode is the caller's while suspended
+                batch = model.batch_from_sessions(samples.prefixes, idx)
+                targets = torch.from_numpy(samples.targets[idx].astype(np.int64)).to(model.device)
+                ranks = batch_ranks(model, batch, targets)
+            yield ranks
     finally:
         model.train(was_training)
+
+
+def evaluate_samples(model: SessionModel, samples: Samples, batch_size: int = 1024, quiet: bool = True,
+                     desc: str = "eval") -> dict[str, float]:
+    """P/MRR/NDCG @5/10/20 (x100) with full ranking over all M items."""
+    acc = MetricAccumulator()
+    for ranks in _ranked_batches(model, samples, batch_size, quiet, desc):
+        acc.add(ranks)
     return acc.result()
+
+
+def sample_ranks(model: SessionModel, samples: Samples, batch_size: int = 1024) -> np.ndarray:
+    """The rank (1 = best, full catalogue, the metrics' tie rule) of every sample's target,
+    in the samples' order, as int64 (n,): what paired comparisons of two models need.
+    `MetricAccumulator` over these gives exactly `evaluate_samples`' metrics."""
+    return torch.cat([r.cpu() for r in _ranked_batches(model, samples, batch_size, True, "ranks")]).numpy()
 
 
 def evaluate(model: SessionModel, dataset: Dataset, split: str = "test", batch_size: int = 1024) -> dict[str, float]:

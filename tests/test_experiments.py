@@ -325,7 +325,8 @@ def test_publish_copies_finished_files_merges_and_rewrites_the_readme_block(tmp_
     readme.write_text("# x\n\nbefore\n<!-- table2 -->\nold table\n<!-- /table2 -->\nafter\n")
     monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail("publish must not train"))
     res = table2.publish(results, figures, readme)
-    assert sorted(res["copied"]) == sorted(p.name for p in (results / "table2").glob("*__seed0.json"))
+    assert sorted(n for n in res["copied"] if n.endswith(".json")) == sorted(
+        p.name for p in (results / "table2").glob("*__seed0.json"))
     assert list(res["skipped"]) == ["torn.json"] and not (figures / "table2" / "torn.json").exists()
     md = (figures / "table2.md").read_text()
     assert "| POP |" in md and "| STAMP |" in md and (figures / "table2_curves.png").is_file()

@@ -42,8 +42,9 @@ from ..metrics import METRIC_KEYS
 from ..provenance import machine, source_commit
 from .report import ExperimentError, atomic_save, atomic_write_json
 
-__all__ = ["RunSpec", "result_path", "run_all", "load_results", "read_result", "validate_record", "spec_mismatch",
-           "load_spec_dataset", "dataset_part", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["RunSpec", "result_path", "ranks_path", "read_ranks", "write_ranks", "metrics_from_ranks", "run_all",
+           "load_results", "read_result", "validate_record", "spec_mismatch", "load_spec_dataset",
+           "dataset_part", "FORMAT", "FORMAT_VERSION"]
 
 log = logging.getLogger("mtd_fast")
 
@@ -53,6 +54,11 @@ PARTIAL_DIR = ".partial"  # OUT/.partial/<stem>/: the run directories of unfinis
 # steps between mid-epoch checkpoints of a run in progress: 1-2 minutes of full-catalogue steps on
 # these 2-core machines (0.3-0.6 s), against well under a second to write a checkpoint
 CHECKPOINT_EVERY = 200
+# the per-sample rank files (`ranks_path`): ranks beyond the largest metric cut-off are stored as
+# RANKS_CLIP, so every metric at K <= 20 is exact from the file and it stays one byte a sample
+RANKS_CLIP = 21
+RANKS_SUFFIX = ".ranks.npz"
+RANK_SPLITS = ("valid", "test")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
 def _as_items(value: Any, what: str) -> tuple[tuple[str, Any], ...]:
@@ -183,6 +189,95 @@ def partial_path(out_dir: os.PathLike | str, spec: RunSpec) -> Path:
 def checkpoint_path(out_dir: os.PathLike | str, spec: RunSpec) -> Path:
     """The model file beside the result file (written only when run_all(checkpoints=True))."""
     return result_path(out_dir, spec).with_suffix(".pt")
+
+
+def ranks_path(out_dir: os.PathLike | str, spec: RunSpec) -> Path:
+    """`<result file stem>.ranks.npz` beside the result file: the target's rank of every
+    validation and test sample under the picked model (`write_ranks`)."""
+    return result_path(out_dir, spec).with_suffix(RANKS_SUFFIX)
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _targets_digest(samples) -> str:
+    """Which samples, in which order: a paired comparison needs both runs to rank the same ones."""
+    import numpy as np
+
+    return _sha256(np.ascontiguousarray(samples.targets, dtype=np.int64).tobytes())
+
+
+def write_ranks(path: Path, model, ds, batch_size: int) -> dict[str, Any]:
+    """Rank every validation and test sample's target under `model` (`train.sample_ranks`),
+    write them to `path` (uint8, clipped at RANKS_CLIP, compressed) and return what the
+    result record says of the file: its name, sha256, clip value, and per split the sample
+    count and a digest of the targets (so two files are paired only over the same samples)."""
+    import io
+
+    import numpy as np
+
+    from ..train import sample_ranks
+
+    arrays, samples = {}, {}
+    for split in RANK_SPLITS:
+        part = ds.split(split)
+        arrays[split] = np.minimum(sample_ranks(model, part, batch_size), RANKS_CLIP).astype(np.uint8)
+        samples[split] = {"n": int(len(part)), "targets_sha256": _targets_digest(part)}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    data = buf.getvalue()
+    atomic_save(path, lambda tmp: Path(tmp).write_bytes(data))
+    return {"file": path.name, "sha256": _sha256(data), "clip": RANKS_CLIP, "samples": samples}
+
+
+def metrics_from_ranks(ranks) -> dict[str, float]:
+    """P/MRR/NDCG @5/10/20 (x100) of an array of ranks, as `MetricAccumulator` computes them."""
+    import torch
+
+    from ..metrics import MetricAccumulator
+
+    acc = MetricAccumulator()
+    acc.add(torch.as_tensor(ranks.astype("int64")))
+    return acc.result()
+
+
+def read_ranks(folder: os.PathLike | str, record: dict[str, Any]) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    """({split: uint8 ranks}, None) for the rank file a result record names in `folder`, or
+    (None, why not): the record names none, the file is missing or not the one recorded
+    (sha256), or its ranks do not give the record's metrics (test: `metrics`; validation:
+    the picked epoch's validation metrics), within 1e-6."""
+    import numpy as np
+
+    info = record.get("ranks")
+    if not isinstance(info, dict) or not isinstance(info.get("file"), str):
+        return None, "the record names no rank file"
+    path = Path(folder) / info["file"]
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return None, f"{path}: unreadable ({exc.strerror or type(exc).__name__})"
+    if _sha256(data) != info.get("sha256"):
+        return None, f"{path}: not the file its record names (sha256 differs)"
+    import io
+
+    try:
+        with np.load(io.BytesIO(data)) as z:
+            ranks = {split: z[split] for split in RANK_SPLITS}
+    except (OSError, ValueError, KeyError) as exc:
+        return None, f"{path}: unreadable rank file ({exc})"
+    picked = next((h for h in record["history"] if h.get("epoch") == record.get("best_epoch")), {})
+    want = {"valid": picked.get("valid"), "test": record["metrics"]}
+    for split, r in ranks.items():
+        n = (info.get("samples") or {}).get(split, {}).get("n")
+        if r.dtype != np.uint8 or r.ndim != 1 or len(r) != n or (len(r) and (r.min() < 1 or r.max() > RANKS_CLIP)):
+            return None, f"{path}: the {split} ranks are not {n} values in 1..{RANKS_CLIP}"
+        got = metrics_from_ranks(r)
+        if want[split] is not None and any(abs(got[k] - want[split][k]) > 1e-6 for k in METRIC_KEYS):
+            return None, f"{path}: the {split} ranks do not give the record's {split} metrics"
+    return ranks, None
 
 
 # ---- provenance ------------------------------------------------------------------------------
@@ -443,7 +538,7 @@ def plan(specs: Sequence[RunSpec], out_dir: os.PathLike | str, checkpoints: bool
 
 def run_all(specs: Sequence[RunSpec], out_dir: os.PathLike | str, *, quiet: bool = False, backend: Any = None,
             command: Optional[str] = None, checkpoints: bool = False,
-            checkpoint_every: Optional[int] = CHECKPOINT_EVERY) -> list[dict[str, Any]]:
+            checkpoint_every: Optional[int] = CHECKPOINT_EVERY, ranks: bool = True) -> list[dict[str, Any]]:
     """Train every spec whose result is not already in `out_dir`; return all their records.
 
     `command`: what to record as the command line (the CLI passes it); by default each
@@ -452,6 +547,9 @@ def run_all(specs: Sequence[RunSpec], out_dir: os.PathLike | str, *, quiet: bool
     `checkpoint_every`: training steps between the mid-epoch checkpoints of a run in
     progress (`train(checkpoint_every=...)`; None: at epoch ends only), so an interrupted
     invocation loses at most that many steps of a long epoch.
+    `ranks=True` (default) also writes each run's rank file (`ranks_path`: the target's rank
+    of every validation and test sample under the picked model, one byte each), which paired
+    comparisons between runs read (`experiments.paired`); a result without one is still done.
     """
     from ..train import train
 
@@ -506,6 +604,9 @@ def run_all(specs: Sequence[RunSpec], out_dir: os.PathLike | str, *, quiet: bool
                 wall = time.perf_counter() - t0
                 versions = _code_versions(run_dir, len(res.history))
                 rec = _make_record(s, res, ds, stats, command or s.api_call(), wall, resumed_at, versions)
+                if ranks:
+                    rec["ranks"] = write_ranks(ranks_path(out_dir, s), res.model, ds,
+                                               res.train_config.eval_batch_size)
                 if checkpoints:
                     from ..serialization import save
 

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .merge import dataset_title, group_records, merge_json, merge_table
+from .paired import paired_json, paired_markdown
 from .report import atomic_write_json, atomic_write_text, display_name
-from .runner import load_results, read_result
+from .runner import load_results, read_ranks, read_result
 from .study import Study, provenance, pyplot, save_figure
 
 __all__ = ["MODELS", "DEFAULT_SEEDS", "REQUIRED", "STRETCH", "run", "report", "curves_figure", "targets",
@@ -147,7 +148,9 @@ def report(records: list[dict[str, Any]], study: Study) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     merged = merge_json(records, ORDER)
     md = f"# Tables 2/3: accuracy ({len(records)} runs)\n\n" + merge_table(records, ORDER)
-    md += "\n" + targets(merged) + "\n" + provenance(records) + "\n"
+    paired = paired_json(records, study.runs_dir, ORDER)
+    merged["paired"] = paired
+    md += "\n" + targets(merged) + "\n" + paired_markdown(paired) + "\n" + PROVENANCE + provenance(records) + "\n"
     merged["files"] = sorted(f"{r['dataset']}/{r['label']}/seed{r['seed']}" for r in records)
     paths = {"markdown": atomic_write_text(out / "table2.md", md),
              "json": atomic_write_json(out / "table2.json", merged)}
@@ -158,16 +161,24 @@ def report(records: list[dict[str, Any]], study: Study) -> dict[str, Any]:
 
 # ---- publishing finished runs ---------------------------------------------------------------
 README_MARKERS = ("<!-- table2 -->\n", "\n<!-- /table2 -->")
+PROVENANCE = "## Provenance\n\n"
+PAIRED_HEADING = "## Paired differences"
 
 
 def readme_block(md: str) -> str:
     """The part of table2.md a README shows: the per-dataset tables (their headings one level
-    down) and the computed targets list, without the title, column notes and provenance."""
+    down), the computed targets list and the paired differences (their heading in bold),
+    without the title, column notes and provenance."""
     start = md.index("\n### ") + 1
     end = md.index("\n", md.index("## Targets"))  # keep the targets list, drop its heading line
     tables, targets_list = md[start:md.index("## Targets")].rstrip(), md[end:].split("\n\n")[1]
     tables = re.sub(r"^### ", "#### ", tables, flags=re.M)
-    return tables + "\n\n" + targets_list.rstrip()
+    block = tables + "\n\n" + targets_list.rstrip()
+    if PAIRED_HEADING in md:
+        paired = md[md.index(PAIRED_HEADING):md.index(PROVENANCE)].rstrip()
+        heading, rest = paired.split("\n", 1)
+        block += "\n\n**" + heading.removeprefix("## ") + "**\n" + rest
+    return block
 
 
 def _setting(rec: dict[str, Any]) -> dict[str, Any]:
@@ -180,11 +191,12 @@ def publish(source: Path, out: Path, readme: Optional[Path] = None, force: bool 
     """Copy the valid result files of `source/table2/` that `out/table2/` lacks or holds in
     another version, merge every file there into out/table2.{md,json} and the curves PNG
     (nothing is trained), and, with `readme`, replace the text between its table2 markers by
-    `readme_block` of the new table2.md. A published file made with another setting (epochs
-    cap, overrides, fraction: a 3-epoch smoke run over a converged one) is not replaced
-    unless `force`. Returns {"copied": [names], "skipped": {name: problem}, "paths": the
-    report's paths}. Raises ValueError when `readme` lacks the markers or nothing is valid,
-    before writing anything."""
+    `readme_block` of the new table2.md. A record's rank file (`runner.ranks_path`) is copied
+    with it when it is the file the record names (else listed as skipped). A published file
+    made with another setting (epochs cap, overrides, fraction: a 3-epoch smoke run over a
+    converged one) is not replaced unless `force`. Returns {"copied": [names], "skipped":
+    {name: problem}, "paths": the report's paths}. Raises ValueError when `readme` lacks the
+    markers or nothing is valid, before writing anything."""
     source, out = Path(source) / "table2", Path(out)
     dest = out / "table2"
     if readme is not None:
@@ -192,27 +204,37 @@ def publish(source: Path, out: Path, readme: Optional[Path] = None, force: bool 
         open_, close = README_MARKERS
         if open_ not in text or close not in text:
             raise ValueError(f"{readme}: no {open_.strip()} ... {close.strip()} block to replace")
-    copied, skipped, plan = [], {}, []
+    copied, skipped, plan, rank_files = [], {}, [], []
     for path in sorted(source.glob("*.json")):
         rec, problem = read_result(path)
         if rec is None:
             skipped[path.name] = problem
             continue
         target = dest / path.name
-        if target.is_file() and target.read_bytes() == path.read_bytes():
-            continue
-        old, _ = read_result(target) if target.is_file() else (None, None)
+        same = target.is_file() and target.read_bytes() == path.read_bytes()
+        old, _ = read_result(target) if target.is_file() and not same else (None, None)
         if old is not None and _setting(old) != _setting(rec) and not force:
             skipped[path.name] = (f"would replace the published run of another setting ({_setting(old)} there, "
                                   f"{_setting(rec)} here); force=True (--force) replaces it")
             continue
-        plan.append((path, target, rec))
+        if not same:
+            plan.append((path, target, rec))
+        if rec.get("ranks"):  # its rank file goes with it, when it is the one the record names
+            name = str(rec["ranks"].get("file"))
+            _, problem = read_ranks(source, rec)
+            if problem:
+                skipped[name] = problem
+            elif not ((dest / name).is_file() and (dest / name).read_bytes() == (source / name).read_bytes()):
+                rank_files.append(name)
     records = {p.name: r for p in sorted(dest.glob("*.json")) for r in [read_result(p)[0]] if r is not None}
     records.update({target.name: rec for _, target, rec in plan})
     if not records:
         raise ValueError(f"no valid result file in {source} or {dest}: nothing to publish")
     group_records(records.values())  # raises on rows that would mix settings, before any write
     dest.mkdir(parents=True, exist_ok=True)
+    for name in rank_files:  # before the records that name them
+        shutil.copyfile(source / name, dest / name)
+        copied.append(name)
     for path, target, _ in plan:
         shutil.copyfile(path, target)
         copied.append(path.name)

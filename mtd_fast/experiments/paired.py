@@ -1,0 +1,134 @@
+"""Paired comparisons of finished runs over the same samples, from their rank files.
+
+Two models' test P@20 may differ by 0.1 point on 55,000 samples: whether that is a
+difference or a coin's throw depends on how often the two models disagree on the same
+samples, which the metrics alone do not tell. The runner writes, beside each result file,
+the rank of every validation and test sample's target under the picked model
+(`runner.write_ranks`); here, for a reference model (MTD) and each other model of a dataset,
+the per-sample differences give the metric's difference with a 95% interval:
+
+    d_i = mean over the seeds both models have of (m_ref(sample i) - m_other(sample i)),
+    difference = mean_i d_i,   half-width = 1.96 * sd(d) / sqrt(n)     (x100, like the metrics)
+
+with m = hit (P@20) or reciprocal rank within 20 (MRR@20). The interval is over the samples
+only (the normal approximation of a paired test, n in the tens of thousands); how much a
+retraining with another seed moves the figure is not in it. An interval that contains 0 is
+a tie at this sample size.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .merge import dataset_title, group_records
+from .report import display_name, markdown_table
+from .runner import RANK_SPLITS, read_ranks
+
+__all__ = ["per_sample", "paired_difference", "paired_json", "paired_markdown", "KEYS", "Z95"]
+
+KEYS = ("P@20", "MRR@20")
+Z95 = 1.959963984540054  # the two-sided 95% quantile of the standard normal
+
+
+def per_sample(ranks: np.ndarray, key: str) -> np.ndarray:
+    """Each sample's contribution to `key` ("P@K" / "MRR@K" / "NDCG@K", 0..1, not x100)."""
+    name, k = key.split("@")
+    r = ranks.astype(np.float64)
+    hit = r <= int(k)
+    if name == "P":
+        return hit.astype(np.float64)
+    if name == "MRR":
+        return np.where(hit, 1.0 / r, 0.0)
+    if name == "NDCG":
+        return np.where(hit, 1.0 / np.log2(r + 1.0), 0.0)
+    raise ValueError(f"unknown metric {key!r}")
+
+
+def paired_difference(ref: Sequence[np.ndarray], other: Sequence[np.ndarray], key: str) -> dict[str, float]:
+    """{"diff", "half"}: the mean of `key` under `ref` minus under `other` (x100) and the
+    half-width of its 95% interval, from the per-sample differences averaged over the seeds
+    (`ref[s]` and `other[s]` rank the same samples in the same order)."""
+    if not ref or len(ref) != len(other) or len({len(a) for a in (*ref, *other)}) != 1:
+        raise ValueError("paired_difference needs one rank array per seed on each side, all of one length")
+    d = np.mean([per_sample(a, key) - per_sample(b, key) for a, b in zip(ref, other)], axis=0)
+    n = len(d)
+    half = Z95 * float(np.std(d, ddof=1)) / math.sqrt(n) if n > 1 else math.inf
+    return {"diff": 100.0 * float(d.mean()), "half": 100.0 * half}
+
+
+def _ranked(folder: Path, recs: list[dict[str, Any]]) -> tuple[dict[int, tuple[dict, dict]], list[str]]:
+    """{seed: (ranks, the record's ranks info)} of the records whose rank file reads back, and
+    why the others' do not."""
+    out, problems = {}, []
+    for r in recs:
+        ranks, problem = read_ranks(folder, r)
+        if ranks is None:
+            problems.append(f"seed {r['seed']}: {problem}")
+        else:
+            out[r["seed"]] = (ranks, r["ranks"]["samples"])
+    return out, problems
+
+
+def paired_json(records: Sequence[dict[str, Any]], folder: Path, order: Sequence[str] = (),
+                reference: str = "mtd") -> list[dict[str, Any]]:
+    """Per dataset: {"dataset", "title", "reference", "rows": [{"label", "seeds", "valid": {key:
+    {"diff", "half"}}, "test": {...}}], "unpaired": {label: why}}. `folder` holds the result
+    files and their rank files. A model is paired over the seeds both it and the reference
+    have rank files for, on the same samples (the files' target digests); otherwise it is
+    listed in "unpaired" with the reason."""
+    out = []
+    for key, labels in group_records(records, order):
+        by_label = dict(labels)
+        entry = {"dataset": key[0], "title": dataset_title(key), "reference": reference, "rows": [], "unpaired": {}}
+        out.append(entry)
+        if reference not in by_label:
+            continue
+        ref, ref_problems = _ranked(folder, by_label[reference])
+        for label, recs in labels:
+            if label == reference:
+                continue
+            if not ref:
+                entry["unpaired"][label] = f"{display_name(reference)} has no rank file ({'; '.join(ref_problems)})"
+                continue
+            mine, problems = _ranked(folder, recs)
+            seeds = sorted(s for s in mine if s in ref and mine[s][1] == ref[s][1])
+            if not seeds:
+                why = "; ".join(problems) if problems else "no seed ranked on the same samples as the reference's"
+                entry["unpaired"][label] = why
+                continue
+            row = {"label": label, "seeds": seeds}
+            for split in RANK_SPLITS:
+                row[split] = {k: paired_difference([ref[s][0][split] for s in seeds],
+                                                   [mine[s][0][split] for s in seeds], k) for k in KEYS}
+            entry["rows"].append(row)
+    return out
+
+
+def _cell(v: dict[str, float]) -> str:
+    return f"{v['diff']:+.2f} ± {v['half']:.2f}"
+
+
+def paired_markdown(paired: Sequence[dict[str, Any]]) -> str:
+    """The `paired_json` tables: per dataset, the reference minus each model, 95% intervals."""
+    lines = ["## Paired differences (computed from the rank files)", "",
+             "MTD minus each model over the same samples (x100), ± the half-width of a 95% interval over the "
+             "samples (seed-to-seed variation not included); an interval that contains 0 is a tie at this "
+             "sample size.", ""]
+    for entry in paired:
+        lines += [f"**{entry['title']}**", ""]
+        if entry["rows"]:
+            cols = {(s, k): f"{s} {k}" for s in RANK_SPLITS for k in KEYS}
+            rows = [{"model": display_name(r["label"]), "seeds": ", ".join(map(str, r["seeds"])),
+                     **{name: _cell(r[s][k]) for (s, k), name in cols.items()}} for r in entry["rows"]]
+            lines += [markdown_table(rows, ["model", "seeds", *cols.values()], right=cols.values()), ""]
+        if entry["unpaired"]:
+            names = ", ".join(display_name(lab) for lab in entry["unpaired"])
+            lines += [f"Not paired (no usable rank file on one side; files finished before rank files were written "
+                      f"have none): {names}.", ""]
+        elif not entry["rows"]:
+            lines += [f"{display_name(entry['reference'])} has not finished.", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
