@@ -160,3 +160,12 @@ def test_publish_copies_rank_files_and_the_readme_shows_the_paired_table(finishe
     res = table2.publish(tmp_path / "results", figures, readme)
     assert ranks[0] in res["skipped"] and "sha256" in res["skipped"][ranks[0]]
     assert not (figures / "table2" / ranks[0]).exists()
+
+
+def test_the_sample_digest_covers_prefixes_and_targets():
+    from mtd_fast.data.store import Samples
+
+    a = Samples.from_lists([[1, 2], [3]], [4, 5])
+    assert runner._samples_digest(a) == runner._samples_digest(Samples.from_lists([[1, 2], [3]], [4, 5]))
+    assert runner._samples_digest(a) != runner._samples_digest(Samples.from_lists([[1], [2, 3]], [4, 5]))  # prefixes
+    assert runner._samples_digest(a) != runner._samples_digest(Samples.from_lists([[1, 2], [3]], [5, 4]))  # targets

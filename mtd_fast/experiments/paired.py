@@ -77,7 +77,7 @@ def paired_json(records: Sequence[dict[str, Any]], folder: Path, order: Sequence
     """Per dataset: {"dataset", "title", "reference", "rows": [{"label", "seeds", "valid": {key:
     {"diff", "half"}}, "test": {...}}], "unpaired": {label: why}}. `folder` holds the result
     files and their rank files. A model is paired over the seeds both it and the reference
-    have rank files for, on the same samples (the files' target digests); otherwise it is
+    have rank files for, on the same samples (the files' sample digests); otherwise it is
     listed in "unpaired" with the reason."""
     out = []
     for key, labels in group_records(records, order):

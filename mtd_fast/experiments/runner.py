@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import functools
+import hashlib
+import io
 import json
 import logging
 import math
@@ -37,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
 
 from ..metrics import METRIC_KEYS
 from ..provenance import machine, source_commit
@@ -198,34 +202,30 @@ def ranks_path(out_dir: os.PathLike | str, spec: RunSpec) -> Path:
 
 
 def _sha256(data: bytes) -> str:
-    import hashlib
-
     return hashlib.sha256(data).hexdigest()
 
 
-def _targets_digest(samples) -> str:
-    """Which samples, in which order: a paired comparison needs both runs to rank the same ones."""
-    import numpy as np
-
-    return _sha256(np.ascontiguousarray(samples.targets, dtype=np.int64).tobytes())
+def _samples_digest(samples) -> str:
+    """Which samples, in which order (prefixes and targets): a paired comparison needs both
+    runs to have ranked the same ones."""
+    h = hashlib.sha256()
+    for a in (samples.prefixes.offsets, samples.prefixes.items, samples.targets):
+        h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 def write_ranks(path: Path, model, ds, batch_size: int) -> dict[str, Any]:
     """Rank every validation and test sample's target under `model` (`train.sample_ranks`),
     write them to `path` (uint8, clipped at RANKS_CLIP, compressed) and return what the
     result record says of the file: its name, sha256, clip value, and per split the sample
-    count and a digest of the targets (so two files are paired only over the same samples)."""
-    import io
-
-    import numpy as np
-
+    count and a digest of the samples (so two files are paired only over the same samples)."""
     from ..train import sample_ranks
 
     arrays, samples = {}, {}
     for split in RANK_SPLITS:
         part = ds.split(split)
         arrays[split] = np.minimum(sample_ranks(model, part, batch_size), RANKS_CLIP).astype(np.uint8)
-        samples[split] = {"n": int(len(part)), "targets_sha256": _targets_digest(part)}
+        samples[split] = {"n": int(len(part)), "samples_sha256": _samples_digest(part)}
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     data = buf.getvalue()
@@ -240,7 +240,7 @@ def metrics_from_ranks(ranks) -> dict[str, float]:
     from ..metrics import MetricAccumulator
 
     acc = MetricAccumulator()
-    acc.add(torch.as_tensor(ranks.astype("int64")))
+    acc.add(torch.from_numpy(np.asarray(ranks, dtype=np.int64)))
     return acc.result()
 
 
@@ -249,8 +249,6 @@ def read_ranks(folder: os.PathLike | str, record: dict[str, Any]) -> tuple[Optio
     (None, why not): the record names none, the file is missing or not the one recorded
     (sha256), or its ranks do not give the record's metrics (test: `metrics`; validation:
     the picked epoch's validation metrics), within 1e-6."""
-    import numpy as np
-
     info = record.get("ranks")
     if not isinstance(info, dict) or not isinstance(info.get("file"), str):
         return None, "the record names no rank file"
@@ -261,8 +259,6 @@ def read_ranks(folder: os.PathLike | str, record: dict[str, Any]) -> tuple[Optio
         return None, f"{path}: unreadable ({exc.strerror or type(exc).__name__})"
     if _sha256(data) != info.get("sha256"):
         return None, f"{path}: not the file its record names (sha256 differs)"
-    import io
-
     try:
         with np.load(io.BytesIO(data)) as z:
             ranks = {split: z[split] for split in RANK_SPLITS}
