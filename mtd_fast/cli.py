@@ -1,4 +1,4 @@
-"""Command line: `mtd-fast {train,evaluate,stats,experiment,preprocess}` (also `python -m mtd_fast`).
+"""Command line: `mtd-fast {train,evaluate,stats,experiment,preprocess,compare}` (also `python -m mtd_fast`).
 
 Every MTDConfig / TrainConfig field is a flag with the API's name and default
 (`batch_size` -> `--batch-size`), so the CLI and `mtd_fast.train` never drift apart.
@@ -247,6 +247,20 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .experiments.paired import compare_files
+    from .metrics import METRIC_KEYS
+
+    bad = [k for k in args.metrics if k not in METRIC_KEYS]
+    if bad:
+        raise ValueError(f"--metrics {' '.join(bad)}: use some of {' '.join(METRIC_KEYS)}")
+    rows = compare_files(Path(args.a), Path(args.b), args.metrics)
+    print(f"A = {args.a}\nB = {args.b}\npaired over the same samples; 95% interval over the samples "
+          "(normal approximation; seed-to-seed variation not included)\n")
+    print(_fmt_table(rows, ["split", "metric", "A", "B", "A - B", "95% half-width"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False everywhere: `--epoch 3` must not silently mean `--epochs 3`
     p = argparse.ArgumentParser(prog="mtd-fast", description="Fast MTD session-based recommendation",
@@ -333,6 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tsne-classes", type=int, default=None, help="target classes among them (6)")
     _add_config_flags(x)
     x.set_defaults(func=cmd_experiment)
+
+    c = add_parser("compare", help="two finished runs' result files, paired over the same samples (rank files)",
+                   description="Reads two result files written by `mtd-fast experiment` (and the rank file "
+                               "beside each) and prints, for validation and test, both metrics and their "
+                               "difference A - B with a 95%% interval over the samples.")
+    c.add_argument("a", help="result file A (OUT/NAME/<dataset>__<label>__seed<S>.json)")
+    c.add_argument("b", help="result file B, of the same dataset")
+    c.add_argument("--metrics", nargs="+", default=["P@20", "MRR@20"], help="(P@20 MRR@20)")
+    c.set_defaults(func=cmd_compare)
     return p
 
 

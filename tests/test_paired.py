@@ -169,3 +169,31 @@ def test_the_sample_digest_covers_prefixes_and_targets():
     assert runner._samples_digest(a) == runner._samples_digest(Samples.from_lists([[1, 2], [3]], [4, 5]))
     assert runner._samples_digest(a) != runner._samples_digest(Samples.from_lists([[1], [2, 3]], [4, 5]))  # prefixes
     assert runner._samples_digest(a) != runner._samples_digest(Samples.from_lists([[1, 2], [3]], [5, 4]))  # targets
+
+
+def test_cli_compare_prints_the_paired_difference_and_names_what_is_wrong(finished, tmp_path, capsys):
+    from mtd_fast.cli import main
+
+    out, recs = finished
+    a, b = runner.result_path(out, spec("mtd", 1)), runner.result_path(out, spec("stamp", 1))
+    assert main(["compare", str(a), str(b), "--metrics", "P@20", "MRR@10"]) == 0
+    text = capsys.readouterr().out
+    rows = {(c[1], c[2]): c for c in ([x.strip() for x in line.split("|")] for line in text.splitlines()
+                                      if line.startswith("| valid") or line.startswith("| test"))}
+    assert set(rows) == {(s, k) for s in ("valid", "test") for k in ("P@20", "MRR@10")}
+    want = recs[("mtd", 1)]["metrics"]["P@20"] - recs[("stamp", 1)]["metrics"]["P@20"]
+    assert float(rows[("test", "P@20")][5]) == pytest.approx(want, abs=0.006)  # printed with 2 decimals
+    assert main(["compare", str(a), str(b), "--metrics", "P@50"]) == 2
+    assert "--metrics P@50" in capsys.readouterr().err
+    for p in out.iterdir():
+        if p.is_file():
+            (tmp_path / p.name).write_bytes(p.read_bytes())
+    runner.ranks_path(tmp_path, spec("stamp", 1)).unlink()
+    b2 = runner.result_path(tmp_path, spec("stamp", 1))
+    assert main(["compare", str(runner.result_path(tmp_path, spec("mtd", 1))), str(b2)]) == 2
+    err = capsys.readouterr().err
+    assert str(b2) in err and "unreadable" in err
+    other = run_all([spec("stamp", data={**DATA, "seed": 5})], tmp_path / "o", quiet=True)[0]
+    c = runner.result_path(tmp_path / "o", spec("stamp", data={**DATA, "seed": 5}))
+    assert other["ranks"]["samples"] != recs[("mtd", 1)]["ranks"]["samples"]
+    assert main(["compare", str(a), str(c)]) == 2 and "different samples" in capsys.readouterr().err

@@ -24,10 +24,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from .merge import dataset_title, group_records
-from .report import display_name, markdown_table
-from .runner import RANK_SPLITS, read_ranks
+from .report import ExperimentError, display_name, markdown_table
+from .runner import RANK_SPLITS, read_ranks, read_result
 
-__all__ = ["per_sample", "paired_difference", "paired_json", "paired_markdown", "KEYS", "Z95"]
+__all__ = ["per_sample", "paired_difference", "paired_json", "paired_markdown", "compare_files", "KEYS", "Z95"]
 
 KEYS = ("P@20", "MRR@20")
 Z95 = 1.959963984540054  # the two-sided 95% quantile of the standard normal
@@ -132,3 +132,31 @@ def paired_markdown(paired: Sequence[dict[str, Any]]) -> str:
             lines += [f"{display_name(entry['reference'])} has not finished.", ""]
     return "\n".join(lines).rstrip() + "\n"
 
+
+
+def compare_files(a: Path, b: Path, keys: Sequence[str] = KEYS) -> list[dict[str, Any]]:
+    """Two result files (any experiment), each with its rank file beside it: per split and
+    metric, A's and B's value and A - B with the half-width of its 95% interval (rows of
+    {"split", "metric", "A", "B", "A - B", "95% half-width"}). Raises ExperimentError naming
+    the file when a record or its rank file cannot be used, or when the two runs did not rank
+    the same samples."""
+    sides = []
+    for path in (Path(a), Path(b)):
+        rec, problem = read_result(path) if path.is_file() else (None, "no such file")
+        if rec is None:
+            raise ExperimentError(f"{path}: {problem}")
+        ranks, problem = read_ranks(path.parent, rec)
+        if ranks is None:
+            raise ExperimentError(f"{path}: {problem}")
+        sides.append((rec, ranks))
+    (ra, xa), (rb, xb) = sides
+    if ra["ranks"]["samples"] != rb["ranks"]["samples"]:
+        raise ExperimentError(f"{a} and {b} ranked different samples (other data or split): no paired comparison")
+    rows = []
+    for split in RANK_SPLITS:
+        for k in keys:
+            d = paired_difference([xa[split]], [xb[split]], k)
+            rows.append({"split": split, "metric": k, "A": 100.0 * float(per_sample(xa[split], k).mean()),
+                         "B": 100.0 * float(per_sample(xb[split], k).mean()), "A - B": d["diff"],
+                         "95% half-width": d["half"]})
+    return rows
