@@ -183,6 +183,9 @@ def test_cli_compare_prints_the_paired_difference_and_names_what_is_wrong(finish
     assert set(rows) == {(s, k) for s in ("valid", "test") for k in ("P@20", "MRR@10")}
     want = recs[("mtd", 1)]["metrics"]["P@20"] - recs[("stamp", 1)]["metrics"]["P@20"]
     assert float(rows[("test", "P@20")][5]) == pytest.approx(want, abs=0.006)  # printed with 2 decimals
+    assert main(["compare", str(a), str(b), "--by-length"]) == 0
+    text = capsys.readouterr().out
+    assert "test samples by prefix length" in text and "| A - B P@20 | ± P@20 |" in text
     assert main(["compare", str(a), str(b), "--metrics", "P@50"]) == 2
     assert "--metrics P@50" in capsys.readouterr().err
     for p in out.iterdir():
@@ -197,3 +200,32 @@ def test_cli_compare_prints_the_paired_difference_and_names_what_is_wrong(finish
     c = runner.result_path(tmp_path / "o", spec("stamp", data={**DATA, "seed": 5}))
     assert other["ranks"]["samples"] != recs[("mtd", 1)]["ranks"]["samples"]
     assert main(["compare", str(a), str(c)]) == 2 and "different samples" in capsys.readouterr().err
+
+
+def test_by_length_splits_the_paired_difference_over_prefix_lengths(finished, tmp_path):
+    from mtd_fast.experiments.paired import LENGTH_BUCKETS, by_length
+
+    out, recs = finished
+    a, b = runner.result_path(out, spec("mtd", 0)), runner.result_path(out, spec("stamp", 0))
+    rows = by_length(a, b, "test")
+    ds = mtd_fast.load_dataset("synthetic", **DATA)
+    lengths = np.diff(ds.test.prefixes.offsets)
+    assert sum(r["samples"] for r in rows) == len(ds.test)
+    for r in rows:
+        lo, hi = next((lo, hi) for lab, lo, hi in LENGTH_BUCKETS if lab == r["length"])
+        assert r["samples"] == int(((lengths >= lo) & (lengths <= (hi or lengths.max()))).sum())
+    for k in ("P@20", "MRR@20"):  # the buckets' differences, weighted by their sizes, are the whole split's
+        whole = recs[("mtd", 0)]["metrics"][k] - recs[("stamp", 0)]["metrics"][k]
+        assert sum(r["samples"] * r[f"A - B {k}"] for r in rows) / len(ds.test) == pytest.approx(whole, abs=1e-9)
+        assert sum(r["samples"] * r[f"A {k}"] for r in rows) / len(ds.test) == pytest.approx(
+            recs[("mtd", 0)]["metrics"][k], abs=1e-9)
+    # data that is not what the runs ranked is refused
+    for p in out.iterdir():
+        if p.is_file():
+            (tmp_path / p.name).write_bytes(p.read_bytes())
+    a2 = runner.result_path(tmp_path, spec("mtd", 0))
+    rec = json.loads(a2.read_text())
+    rec["dataset_kwargs"] = {**DATA, "seed": 3}  # another synthetic draw: other samples
+    a2.write_text(json.dumps(rec))
+    with pytest.raises(Exception, match="not what the run ranked"):
+        by_length(a2, runner.result_path(tmp_path, spec("stamp", 0)), "test")

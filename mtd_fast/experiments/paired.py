@@ -19,17 +19,20 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from .merge import dataset_title, group_records
 from .report import ExperimentError, display_name, markdown_table
-from .runner import RANK_SPLITS, read_ranks, read_result
+from .runner import RANK_SPLITS, _samples_digest, read_ranks, read_result
 
-__all__ = ["per_sample", "paired_difference", "paired_json", "paired_markdown", "compare_files", "KEYS", "Z95"]
+__all__ = ["per_sample", "paired_difference", "paired_json", "paired_markdown", "compare_files", "by_length",
+           "record_dataset", "KEYS", "Z95", "LENGTH_BUCKETS"]
 
 KEYS = ("P@20", "MRR@20")
+# prefix-length buckets of `by_length` (clicks before the target): (label, lowest, highest or None)
+LENGTH_BUCKETS = (("1", 1, 1), ("2", 2, 2), ("3-4", 3, 4), ("5-9", 5, 9), ("10+", 10, None))
 Z95 = 1.959963984540054  # the two-sided 95% quantile of the standard normal
 
 
@@ -134,24 +137,30 @@ def paired_markdown(paired: Sequence[dict[str, Any]]) -> str:
 
 
 
+def _read_side(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    rec, problem = read_result(path) if path.is_file() else (None, "no such file")
+    if rec is None:
+        raise ExperimentError(f"{path}: {problem}")
+    ranks, problem = read_ranks(path.parent, rec)
+    if ranks is None:
+        raise ExperimentError(f"{path}: {problem}")
+    return rec, ranks
+
+
+def _paired_sides(a: Path, b: Path):
+    (ra, xa), (rb, xb) = _read_side(a), _read_side(b)
+    if ra["ranks"]["samples"] != rb["ranks"]["samples"]:
+        raise ExperimentError(f"{a} and {b} ranked different samples (other data or split): no paired comparison")
+    return (ra, xa), (rb, xb)
+
+
 def compare_files(a: Path, b: Path, keys: Sequence[str] = KEYS) -> list[dict[str, Any]]:
     """Two result files (any experiment), each with its rank file beside it: per split and
     metric, A's and B's value and A - B with the half-width of its 95% interval (rows of
     {"split", "metric", "A", "B", "A - B", "95% half-width"}). Raises ExperimentError naming
     the file when a record or its rank file cannot be used, or when the two runs did not rank
     the same samples."""
-    sides = []
-    for path in (Path(a), Path(b)):
-        rec, problem = read_result(path) if path.is_file() else (None, "no such file")
-        if rec is None:
-            raise ExperimentError(f"{path}: {problem}")
-        ranks, problem = read_ranks(path.parent, rec)
-        if ranks is None:
-            raise ExperimentError(f"{path}: {problem}")
-        sides.append((rec, ranks))
-    (ra, xa), (rb, xb) = sides
-    if ra["ranks"]["samples"] != rb["ranks"]["samples"]:
-        raise ExperimentError(f"{a} and {b} ranked different samples (other data or split): no paired comparison")
+    (ra, xa), (rb, xb) = _paired_sides(Path(a), Path(b))
     rows = []
     for split in RANK_SPLITS:
         for k in keys:
@@ -159,4 +168,47 @@ def compare_files(a: Path, b: Path, keys: Sequence[str] = KEYS) -> list[dict[str
             rows.append({"split": split, "metric": k, "A": 100.0 * float(per_sample(xa[split], k).mean()),
                          "B": 100.0 * float(per_sample(xb[split], k).mean()), "A - B": d["diff"],
                          "95% half-width": d["half"]})
+    return rows
+
+
+def record_dataset(record: dict[str, Any], root: Optional[Path] = None):
+    """The dataset a result record was trained on, loaded again (its name, data folder or
+    `root`, fraction and synthetic options); ExperimentError unless its validation and test
+    samples are the ones the record's rank file ranked (same digests)."""
+    from ..data import DATASETS, load_dataset
+
+    folder = root if root is not None else (record.get("data_folder") or record.get("root"))
+    name = record["dataset"] if record["dataset"] in (*DATASETS, "synthetic") else None
+    if name == "synthetic":
+        folder = None
+    ds = load_dataset(name, root=folder, fraction=record["fraction"], **(record.get("dataset_kwargs") or {}))
+    for split in RANK_SPLITS:
+        if _samples_digest(ds.split(split)) != (record["ranks"]["samples"].get(split) or {}).get("samples_sha256"):
+            raise ExperimentError(f"the data loaded from {folder or name} is not what the run ranked ({split} "
+                                  "samples differ): pass the run's data folder")
+    return ds
+
+
+def by_length(a: Path, b: Path, split: str = "test", keys: Sequence[str] = KEYS,
+              root: Optional[Path] = None) -> list[dict[str, Any]]:
+    """`compare_files` per prefix-length bucket (LENGTH_BUCKETS: clicks before the target) of
+    one split: rows of {"length", "samples", then per metric "A", "B", "A - B" and the 95%
+    half-width}. The dataset is loaded again from A's record (or `root`) and checked against
+    the rank files' sample digests."""
+    if split not in RANK_SPLITS:
+        raise ExperimentError(f"split {split!r}: use one of {', '.join(RANK_SPLITS)}")
+    (ra, xa), (_, xb) = _paired_sides(Path(a), Path(b))
+    lengths = np.diff(record_dataset(ra, root).split(split).prefixes.offsets)
+    rows = []
+    for label, lo, hi in LENGTH_BUCKETS:
+        sel = (lengths >= lo) & (lengths <= (hi if hi is not None else lengths.max(initial=lo)))
+        if not sel.any():
+            continue
+        row: dict[str, Any] = {"length": label, "samples": int(sel.sum())}
+        for k in keys:
+            d = paired_difference([xa[split][sel]], [xb[split][sel]], k)
+            row.update({f"A {k}": 100.0 * float(per_sample(xa[split][sel], k).mean()),
+                        f"B {k}": 100.0 * float(per_sample(xb[split][sel], k).mean()),
+                        f"A - B {k}": d["diff"], f"± {k}": d["half"]})
+        rows.append(row)
     return rows
