@@ -166,9 +166,9 @@ def test_the_sample_digest_covers_prefixes_and_targets():
     from mtd_fast.data.store import Samples
 
     a = Samples.from_lists([[1, 2], [3]], [4, 5])
-    assert runner._samples_digest(a) == runner._samples_digest(Samples.from_lists([[1, 2], [3]], [4, 5]))
-    assert runner._samples_digest(a) != runner._samples_digest(Samples.from_lists([[1], [2, 3]], [4, 5]))  # prefixes
-    assert runner._samples_digest(a) != runner._samples_digest(Samples.from_lists([[1, 2], [3]], [5, 4]))  # targets
+    assert runner.samples_digest(a) == runner.samples_digest(Samples.from_lists([[1, 2], [3]], [4, 5]))
+    assert runner.samples_digest(a) != runner.samples_digest(Samples.from_lists([[1], [2, 3]], [4, 5]))  # prefixes
+    assert runner.samples_digest(a) != runner.samples_digest(Samples.from_lists([[1, 2], [3]], [5, 4]))  # targets
 
 
 def test_cli_compare_prints_the_paired_difference_and_names_what_is_wrong(finished, tmp_path, capsys):

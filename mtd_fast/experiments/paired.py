@@ -25,7 +25,7 @@ import numpy as np
 
 from .merge import dataset_title, group_records
 from .report import ExperimentError, display_name, markdown_table
-from .runner import RANK_SPLITS, _samples_digest, read_ranks, read_result
+from .runner import RANK_SPLITS, read_ranks, read_result, samples_digest
 
 __all__ = ["per_sample", "paired_difference", "paired_json", "paired_markdown", "compare_files", "by_length",
            "record_dataset", "KEYS", "Z95", "LENGTH_BUCKETS"]
@@ -136,7 +136,6 @@ def paired_markdown(paired: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-
 def _read_side(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     rec, problem = read_result(path) if path.is_file() else (None, "no such file")
     if rec is None:
@@ -183,7 +182,7 @@ def record_dataset(record: dict[str, Any], root: Optional[Path] = None):
         folder = None
     ds = load_dataset(name, root=folder, fraction=record["fraction"], **(record.get("dataset_kwargs") or {}))
     for split in RANK_SPLITS:
-        if _samples_digest(ds.split(split)) != (record["ranks"]["samples"].get(split) or {}).get("samples_sha256"):
+        if samples_digest(ds.split(split)) != (record["ranks"]["samples"].get(split) or {}).get("samples_sha256"):
             raise ExperimentError(f"the data loaded from {folder or name} is not what the run ranked ({split} "
                                   "samples differ): pass the run's data folder")
     return ds

@@ -46,7 +46,8 @@ from ..metrics import METRIC_KEYS
 from ..provenance import machine, source_commit
 from .report import ExperimentError, atomic_save, atomic_write_json
 
-__all__ = ["RunSpec", "result_path", "ranks_path", "read_ranks", "write_ranks", "metrics_from_ranks", "run_all",
+__all__ = ["RunSpec", "result_path", "ranks_path", "read_ranks", "write_ranks", "metrics_from_ranks",
+           "samples_digest", "run_all",
            "load_results", "read_result", "validate_record", "spec_mismatch", "load_spec_dataset",
            "dataset_part", "FORMAT", "FORMAT_VERSION"]
 
@@ -205,7 +206,7 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _samples_digest(samples) -> str:
+def samples_digest(samples) -> str:
     """Which samples, in which order (prefixes and targets): a paired comparison needs both
     runs to have ranked the same ones."""
     h = hashlib.sha256()
@@ -225,7 +226,7 @@ def write_ranks(path: Path, model, ds, batch_size: int) -> dict[str, Any]:
     for split in RANK_SPLITS:
         part = ds.split(split)
         arrays[split] = np.minimum(sample_ranks(model, part, batch_size), RANKS_CLIP).astype(np.uint8)
-        samples[split] = {"n": int(len(part)), "samples_sha256": _samples_digest(part)}
+        samples[split] = {"n": int(len(part)), "samples_sha256": samples_digest(part)}
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     data = buf.getvalue()
