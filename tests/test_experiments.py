@@ -366,11 +366,17 @@ def test_status_reads_the_study_folder_without_training(tmp_path, monkeypatch, c
     assert (sas["state"], sas["epochs"], sas["best epoch"], sas["valid P@20"], sas["s/epoch"]) == \
         ("in progress or interrupted", "4/30", 3, 42.0, 14.0)
     assert rows[csrm]["state"] == "set aside (not resumed)"
+    assert rows[pop]["rank file"] == rows[stamp]["rank file"] == "yes"
+    runner.ranks_path(runs, spec("pop")).write_bytes(b"torn")  # not the file its record names
+    rec.pop("ranks")
+    (runs / f"{stamp}.json").write_text(json.dumps(rec))  # a record from before rank files
+    rows = {r["run"]: r for r in study_status(runs)}
+    assert (rows[pop]["rank file"], rows[stamp]["rank file"]) == ("refused", "none")
     monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail("--status must not train"))
     assert main(["experiment", "table2", "--status", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "2 finished, 1 invalid, will be redone, 1 in progress or interrupted, 1 set aside" in printed
-    assert f"| {sasrec} | in progress or interrupted | 4/30 | 3 | 42.00 | 12.00 | 14.00 |" in printed
+    assert f"| {sasrec} | in progress or interrupted | 4/30 | 3 | 42.00 | 12.00 | 14.00 |  |" in printed
     assert main(["experiment", "table2", "--status", "--out", str(tmp_path / "none")]) == 0
     assert "no result files and no runs in progress" in capsys.readouterr().out
 

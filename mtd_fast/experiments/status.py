@@ -18,11 +18,12 @@ from typing import Any, Optional
 from ..metrics import better
 from .merge import valid_at_best
 from .report import markdown_table
-from .runner import PARTIAL_DIR, read_result
+from .runner import PARTIAL_DIR, read_ranks, read_result
 
 __all__ = ["study_status", "status_markdown"]
 
-COLUMNS = ["run", "state", "epochs", "best epoch", "valid P@20", "valid MRR@20", "s/epoch", "updated (UTC)"]
+COLUMNS = ["run", "state", "epochs", "best epoch", "valid P@20", "valid MRR@20", "s/epoch", "rank file",
+           "updated (UTC)"]
 
 
 def _mtime(*paths: Path) -> str:
@@ -93,6 +94,14 @@ def _partial_row(run_dir: Path) -> dict[str, Any]:
             "updated (UTC)": _mtime(run_dir / EPOCHS_FILE, run_dir / RUN_FILE, run_dir / LAST)}
 
 
+def _rank_file(runs_dir: Path, rec: dict[str, Any]) -> str:
+    """"yes" when the record's rank file reads back (paired comparisons can use the run),
+    "none" when it names none (finished before rank files), else "refused" (see `read_ranks`)."""
+    if not rec.get("ranks"):
+        return "none"
+    return "yes" if read_ranks(runs_dir, rec)[1] is None else "refused"
+
+
 def study_status(runs_dir: Path) -> list[dict[str, Any]]:
     """Rows (dicts over COLUMNS) for every result file and run directory of one study folder
     (OUT/NAME), result files first, each group by name."""
@@ -111,7 +120,7 @@ def study_status(runs_dir: Path) -> list[dict[str, Any]]:
                      "valid P@20": valid.get("P@20"), "valid MRR@20": valid.get("MRR@20"),
                      "s/epoch": statistics.median(h["train_seconds"] for h in rec["history"]) if trained
                      else None,
-                     "updated (UTC)": _mtime(path)})
+                     "rank file": _rank_file(runs_dir, rec), "updated (UTC)": _mtime(path)})
     partial = runs_dir / PARTIAL_DIR
     for run_dir in sorted(p for p in partial.iterdir() if p.is_dir()) if partial.is_dir() else []:
         rows.append(_partial_row(run_dir))
@@ -127,5 +136,6 @@ def status_markdown(runs_dir: Path) -> str:
     head = f"{runs_dir}: " + ", ".join(f"{states.count(k)} {k}" for k in order if k in states)
     note = ("finished rows: the validation-picked epoch and its validation metrics, s/epoch the median "
             "training epoch; "
-            "unfinished rows: the best epoch so far by the same rule, s/epoch the last one")
+            "unfinished rows: the best epoch so far by the same rule, s/epoch the last one; rank file: whether "
+            "the run's per-sample ranks are there for paired comparisons (none: finished before rank files)")
     return head + "\n\n" + markdown_table(rows, COLUMNS, right=COLUMNS[4:7]) + "\n\n" + note
