@@ -57,6 +57,18 @@ def test_ablation_files_values_and_resume(tmp_path, monkeypatch):
     assert again["merged"] == res["merged"]
 
 
+def test_ablation_report_pairs_mtd_with_each_ablation(tmp_path):
+    res = run_experiment("ablation", **settings(tmp_path, models=["mtd", "mtd-lo"], seeds=[0, 1]))
+    (entry,) = res["merged"]["paired"]
+    (row,) = entry["rows"]
+    assert (row["label"], row["seeds"]) == ("mtd-lo", [0, 1]) and entry["unpaired"] == {}
+    files = {(d["label"], d["seed"]): d for d in map(read, (tmp_path / "ablation").glob("*.json"))}
+    want = np.mean([files[("mtd", s)]["metrics"]["MRR@20"] - files[("mtd-lo", s)]["metrics"]["MRR@20"]
+                    for s in (0, 1)])
+    assert row["test"]["MRR@20"]["diff"] == pytest.approx(want, abs=1e-9)
+    assert "| MTD-lo | 0, 1 |" in (tmp_path / "ablation.md").read_text()
+
+
 def test_sensitivity_specs_share_the_default_point():
     phases = Study("sensitivity", dataset="diginetica", overrides={"graph_mode": "overwrite"})
     labels = [s.label for s in sensitivity.specs(phases)]

@@ -3,14 +3,16 @@
 MTD-va (no self-attention, no position decay), MTD-at (MTD-va plus position decay), MTD-lo
 (no cross-session graph), MTD-ga (graph attention instead of the GCN), each over 3 seeds
 by default. Writes `out/ablation/*.json`, `out/ablation.md` (validation and test metrics
-of the validation-picked epoch, mean ± sd), `out/ablation.json` and `out/ablation.png`
-(test P@20 and MRR@20 bars per dataset, error bars = sample sd over seeds).
+of the validation-picked epoch, mean ± sd; MTD minus each ablation paired over the same
+samples, from the rank files), `out/ablation.json` and `out/ablation.png` (test P@20 and
+MRR@20 bars per dataset, error bars = sample sd over seeds).
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 from .merge import merge_json
+from .paired import paired_json, paired_markdown
 from .report import atomic_write_json, atomic_write_text, display_name, fmt_mean_sd, markdown_table
 from .runner import load_results
 from .study import Study, provenance, pyplot, save_figure
@@ -77,7 +79,8 @@ def report(records: list[dict[str, Any]], study: Study) -> dict[str, Any]:
           "Validation and test metrics (x100) of the epoch picked on validation; mean ± sample sd over seeds.", ""]
     for ds in merged["datasets"]:
         md += [f"## {ds['title']}", "", markdown_table(table_rows(ds["rows"]), cols, right=cols[2:]), ""]
-    md += [provenance(records), ""]
+    merged["paired"] = paired_json(records, study.runs_dir, MODELS)
+    md += [paired_markdown(merged["paired"]), provenance(records), ""]
     text = "\n".join(md)
     out = study.out
     paths = {"markdown": atomic_write_text(out / "ablation.md", text),
