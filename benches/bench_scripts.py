@@ -79,7 +79,7 @@ def test_publish_table2_smoke(tmp_path):
     readme.write_text("<!-- table2 -->\nold\n<!-- /table2 -->\n")
     res = smoke(tmp_path, "publish_table2.py", "--from", str(tmp_path / "results"), "--figures",
                 str(tmp_path / "figures"), "--readme", str(readme), env=dict(os.environ))
-    assert res.stdout.startswith("copied 2:") and "| STAMP |" in readme.read_text()
+    assert res.stdout.startswith("copied 2 result files and 2 rank files:") and "| STAMP |" in readme.read_text()
     assert len(list((tmp_path / "figures" / "table2").glob("*.json"))) == 2
 
 

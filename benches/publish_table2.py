@@ -2,7 +2,8 @@
 table2/ (where `mtd-fast experiment table2 --out RESULTS` writes them) into
 benches/figures/table2/, merge every file there into benches/figures/table2.{md,json} and
 table2_curves.png (nothing is trained), and rewrite the README's table2 block from the new
-table2.md (tests/test_readme.py checks that block verbatim).
+table2.md (tests/test_readme.py checks that block verbatim). Each result file's rank file
+(`NAME.ranks.npz`, the per-sample ranks behind the paired differences) goes with it.
 
     python benches/publish_table2.py --from /path/to/results [--figures benches/figures] [--readme README.md]
 
@@ -30,7 +31,9 @@ def main(argv=None) -> int:
                     help="replace a published file even when it was made with another setting (epochs cap, overrides)")
     args = ap.parse_args(argv)
     res = publish(Path(args.source), Path(args.figures), Path(args.readme) if args.readme else None, force=args.force)
-    print(f"copied {len(res['copied'])}: {', '.join(res['copied']) or '-'}")
+    results = [n for n in res["copied"] if n.endswith(".json")]
+    print(f"copied {len(results)} result files and {len(res['copied']) - len(results)} rank files: "
+          f"{', '.join(res['copied']) or '-'}")
     for name, problem in res["skipped"].items():
         print(f"skipped {name}: {problem}")
     print("wrote " + ", ".join(str(p) for p in res["paths"].values()) + (f" and {args.readme}" if args.readme else ""))
