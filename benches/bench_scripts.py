@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,23 @@ def test_checkpoint_cost_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["model"] for r in rows] == ["mtd", "stamp"]
     assert all(r["mid_epoch_writes"] == 2 and r["mid_epoch_write_s"] > 0 and r["checkpoint_MB"] > 0 for r in rows)
+
+
+def test_lr_probe_smoke(tmp_path):
+    """benches/lr_probe.py (more epochs at a lower lr from a run's best checkpoint; run by hand)
+    on a two-epoch synthetic run: the same batches as the run at its own lr give its own next epoch."""
+    import mtd_fast
+
+    run_dir = tmp_path / "run"
+    kw = dict(model="mtd", hidden_size=8, max_steps_per_epoch=3, quiet=True, patience=5)
+    ds = mtd_fast.load_dataset("synthetic")
+    mtd_fast.train(ds, epochs=1, run_dir=run_dir, **kw)
+    shutil.copytree(run_dir, tmp_path / "after1")  # the run's folder after epoch 1, set aside
+    ahead = mtd_fast.train(ds, epochs=2, run_dir=run_dir, resume=True, **kw)  # the run's own epoch 2
+    out = tmp_path / "probe.json"
+    smoke(tmp_path, "lr_probe.py", "--run-dir", str(tmp_path / "after1"), "--dataset", "synthetic", "--lrs", "1e-3",
+          "1e-4", "--json", str(out))
+    same, lower = json.loads(out.read_text())
+    assert same["from_epoch"] == lower["from_epoch"] == 1 and [e["epoch"] for e in lower["epochs"]] == [2]
+    assert same["epochs"][0]["valid"] == ahead.history[1]["valid"]  # lr 1e-3 replays the run's epoch 2 exactly
+    assert lower["epochs"][0]["valid"] != same["epochs"][0]["valid"]
