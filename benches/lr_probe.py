@@ -25,7 +25,7 @@ import torch
 import mtd_fast
 from mtd_fast import ops
 from mtd_fast.config import PHASE_MODES, MTDConfig, TrainConfig
-from mtd_fast.run import _set_rng_state
+from mtd_fast.run import set_rng_state
 from mtd_fast.rundir import BEST, RUN_FILE
 
 from harness import data_dir
@@ -53,7 +53,7 @@ def probe(run_dir: Path, ds, lr: float, epochs: int) -> dict:
             o.load_state_dict(saved)
             tr.set_lr(o, lr)
     rng = np.random.default_rng(ident["seed"])
-    _set_rng_state(state["rng"][0], rng)
+    set_rng_state(state["rng"][0], rng)
     done = int(state["position"]["epoch"])
     best = next(h for h in state["history"] if h["epoch"] == state["best_epoch"])
     out = {"model": ident["model"], "lr": lr, "from_epoch": done, "checkpoint_valid": best["valid"], "epochs": []}

@@ -32,7 +32,7 @@ from .distributed import Dist
 from .metrics import METRIC_KEYS, better
 from .models.base import SessionModel
 
-__all__ = ["Run", "Trainer"]
+__all__ = ["Run", "Trainer", "set_rng_state"]
 
 log = logging.getLogger("mtd_fast")
 
@@ -66,7 +66,9 @@ def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
     return out
 
 
-def _set_rng_state(s: dict[str, Any], rng: np.random.Generator) -> None:
+def set_rng_state(s: dict[str, Any], rng: np.random.Generator) -> None:
+    """Restore every random state a checkpoint holds (one rank's entry of its "rng" list):
+    Python's, NumPy's global, torch's, the batch generator `rng`'s and CUDA's when present."""
     random.setstate(s["python"])
     n = s["numpy"]
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
@@ -241,7 +243,7 @@ class Run:
             self.stopped, self.phase_result = bool(pos["stopped"]), state.get("phase_result")
             self.partial = _checked_partial(state, self.trainer.steps_per_epoch(len(self.ds.train), self.tcfg),
                                             self.tcfg.batch_size, where)
-            _set_rng_state(state["rng"][self.dist.rank], rng)
+            set_rng_state(state["rng"][self.dist.rank], rng)
         except KeyError as exc:
             raise RunDirError(f"{where}: the training state lacks {exc}: not a complete checkpoint") from None
         except ModelFileError as exc:  # weights that do not fit this model, or non-finite ones

@@ -10,6 +10,7 @@ import pytest
 
 import mtd_fast
 from mtd_fast.experiments import RunSpec, run_all, runner, table2
+from mtd_fast.experiments import ranks as ranks_mod
 from mtd_fast.experiments.paired import paired_difference, paired_json, paired_markdown, per_sample
 from mtd_fast.metrics import METRIC_KEYS
 from mtd_fast.train import evaluate_samples, sample_ranks
@@ -32,7 +33,7 @@ def finished(tmp_path_factory):
 
 
 def test_sample_ranks_give_evaluate_samples_metrics():
-    from mtd_fast.experiments.runner import metrics_from_ranks
+    from mtd_fast.experiments.ranks import metrics_from_ranks
 
     ds = mtd_fast.load_dataset("synthetic", **DATA)
     model = mtd_fast.train(ds, model="stamp", epochs=1, quiet=True, **SMALL).model
@@ -49,11 +50,11 @@ def test_every_run_writes_a_rank_file_that_gives_its_recorded_metrics(finished):
         s = spec(label, seed)
         path = runner.ranks_path(out, s)
         assert path.is_file() and rec["ranks"]["file"] == path.name == runner.result_path(out, s).stem + ".ranks.npz"
-        ranks, problem = runner.read_ranks(out, rec)
+        ranks, problem = ranks_mod.read_ranks(out, rec)
         assert problem is None and set(ranks) == {"valid", "test"}
         assert rec["ranks"]["samples"]["test"]["n"] == len(ranks["test"]) == rec["stats"]["test_samples"]
-        assert ranks["test"].dtype == np.uint8 and ranks["test"].max() <= runner.RANKS_CLIP
-        got = runner.metrics_from_ranks(ranks["test"])
+        assert ranks["test"].dtype == np.uint8 and ranks["test"].max() <= ranks_mod.RANKS_CLIP
+        got = ranks_mod.metrics_from_ranks(ranks["test"])
         assert all(math.isclose(got[k], rec["metrics"][k], abs_tol=1e-9) for k in METRIC_KEYS)
     # two seeds of one model rank the same samples: their digests agree
     assert recs[("mtd", 0)]["ranks"]["samples"] == recs[("mtd", 1)]["ranks"]["samples"]
@@ -94,13 +95,13 @@ def test_a_rank_file_that_is_not_the_recorded_one_is_never_paired(finished, tmp_
             (tmp_path / p.name).write_bytes(p.read_bytes())
     stamp0 = runner.ranks_path(tmp_path, spec("stamp", 0))
     stamp0.write_bytes(runner.ranks_path(tmp_path, spec("pop")).read_bytes())  # another run's file
-    ranks, problem = runner.read_ranks(tmp_path, recs[("stamp", 0)])
+    ranks, problem = ranks_mod.read_ranks(tmp_path, recs[("stamp", 0)])
     assert ranks is None and "sha256 differs" in problem
     # a file whose hash the record names, but whose ranks are not the record's model's
     bad = dict(recs[("stamp", 1)])
     bad["ranks"] = dict(bad["ranks"], file=runner.ranks_path(tmp_path, spec("pop")).name,
                         sha256=recs[("pop", 0)]["ranks"]["sha256"])
-    _, problem = runner.read_ranks(tmp_path, bad)
+    _, problem = ranks_mod.read_ranks(tmp_path, bad)
     assert "do not give the record's" in problem
     (entry,) = paired_json(list(recs.values()), tmp_path, table2.ORDER)
     rows = {r["label"]: r for r in entry["rows"]}
@@ -165,10 +166,11 @@ def test_publish_copies_rank_files_and_the_readme_shows_the_paired_table(finishe
 def test_the_sample_digest_covers_prefixes_and_targets():
     from mtd_fast.data.store import Samples
 
+    digest = ranks_mod.samples_digest
     a = Samples.from_lists([[1, 2], [3]], [4, 5])
-    assert runner.samples_digest(a) == runner.samples_digest(Samples.from_lists([[1, 2], [3]], [4, 5]))
-    assert runner.samples_digest(a) != runner.samples_digest(Samples.from_lists([[1], [2, 3]], [4, 5]))  # prefixes
-    assert runner.samples_digest(a) != runner.samples_digest(Samples.from_lists([[1, 2], [3]], [5, 4]))  # targets
+    assert digest(a) == digest(Samples.from_lists([[1, 2], [3]], [4, 5]))
+    assert digest(a) != digest(Samples.from_lists([[1], [2, 3]], [4, 5]))  # prefixes
+    assert digest(a) != digest(Samples.from_lists([[1, 2], [3]], [5, 4]))  # targets
 
 
 def test_cli_compare_prints_the_paired_difference_and_names_what_is_wrong(finished, tmp_path, capsys):

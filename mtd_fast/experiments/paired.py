@@ -24,8 +24,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .merge import dataset_title, group_records
+from .ranks import RANK_SPLITS, read_ranks, samples_digest
 from .report import ExperimentError, display_name, markdown_table
-from .runner import RANK_SPLITS, read_ranks, read_result, samples_digest
+from .runner import read_result
 
 __all__ = ["per_sample", "paired_difference", "paired_json", "paired_markdown", "compare_files", "by_length",
            "record_dataset", "KEYS", "Z95", "LENGTH_BUCKETS"]

@@ -17,8 +17,9 @@ from typing import Any, Optional
 
 from ..metrics import better
 from .merge import valid_at_best
+from .ranks import read_ranks
 from .report import markdown_table
-from .runner import PARTIAL_DIR, read_ranks, read_result
+from .runner import PARTIAL_DIR, read_result
 
 __all__ = ["study_status", "status_markdown"]
 

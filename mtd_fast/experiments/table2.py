@@ -16,8 +16,9 @@ from typing import Any, Optional, Sequence
 
 from .merge import dataset_title, group_records, merge_json, merge_table
 from .paired import paired_json, paired_markdown
+from .ranks import read_ranks
 from .report import atomic_write_json, atomic_write_text, display_name
-from .runner import load_results, read_ranks, read_result
+from .runner import load_results, read_result
 from .study import Study, provenance, pyplot, save_figure
 
 __all__ = ["MODELS", "DEFAULT_SEEDS", "REQUIRED", "STRETCH", "run", "report", "curves_figure", "targets",
