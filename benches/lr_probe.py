@@ -36,12 +36,13 @@ tr = importlib.import_module("mtd_fast.train")  # the module (the package attrib
 def probe(run_dir: Path, ds, lr: float, epochs: int) -> dict:
     ident = json.loads((run_dir / RUN_FILE).read_text())["identity"]
     mcfg, tcfg = MTDConfig(**ident["model_config"]), TrainConfig(**ident["train_config"])
-    if mcfg.graph_mode in PHASE_MODES and ident["model"] == "mtd":
+    net = tr.build_model(ident["model"], ds.n_items, mcfg, tcfg, None)
+    uses_graph = net.uses_global_graph and tcfg.graph_phases > 0
+    if uses_graph and mcfg.graph_mode in PHASE_MODES:
         raise SystemExit(f"graph_mode={mcfg.graph_mode!r} trains in graph phases, which this probe does not run")
     state = torch.load(run_dir / BEST, map_location="cpu", weights_only=False)["state"]
-    net = tr.build_model(ident["model"], ds.n_items, mcfg, tcfg, None)
     graph = None
-    if net.uses_global_graph and tcfg.graph_phases > 0:
+    if uses_graph:
         graph = ops.global_graph(ds.train_sessions, ds.n_items, directed=mcfg.graph_directed,
                                  weighted=mcfg.graph_weighted)
     params = net.rec_parameters()

@@ -201,7 +201,7 @@ def by_length(a: Path, b: Path, split: str = "test", keys: Sequence[str] = KEYS,
     lengths = np.diff(record_dataset(ra, root).split(split).prefixes.offsets)
     rows = []
     for label, lo, hi in LENGTH_BUCKETS:
-        sel = (lengths >= lo) & (lengths <= (hi if hi is not None else lengths.max(initial=lo)))
+        sel = (lengths >= lo) if hi is None else (lengths >= lo) & (lengths <= hi)
         if not sel.any():
             continue
         row: dict[str, Any] = {"length": label, "samples": int(sel.sum())}
