@@ -248,7 +248,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .experiments.paired import by_length, compare_files
+    from .experiments.paired import by_length, by_repeat, compare_files
     from .metrics import METRIC_KEYS
 
     bad = [k for k in args.metrics if k not in METRIC_KEYS]
@@ -256,15 +256,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ValueError(f"--metrics {' '.join(bad)}: use some of {' '.join(METRIC_KEYS)}")
     print(f"A = {args.a}\nB = {args.b}\npaired over the same samples; 95% interval over the samples "
           "(normal approximation; seed-to-seed variation not included)\n")
-    if args.by_length is None:
+    if args.by_length is None and args.by_repeat is None:
         rows = compare_files(Path(args.a), Path(args.b), args.metrics)
         print(_fmt_table(rows, ["split", "metric", "A", "B", "A - B", "95% half-width"]))
         return 0
     root = Path(args.data_dir) if args.data_dir else None
-    rows = by_length(Path(args.a), Path(args.b), args.by_length, args.metrics, root)
-    print(f"{args.by_length} samples by prefix length (clicks before the target); ± is the 95% half-width\n")
-    print(_fmt_table(rows, ["length", "samples", *(f"{c} {k}" for k in args.metrics
-                                                   for c in ("A", "B", "A - B", "±"))]))
+    if args.by_length is not None:
+        split, column, how = args.by_length, "length", "by prefix length (clicks before the target)"
+        rows = by_length(Path(args.a), Path(args.b), split, args.metrics, root)
+    else:
+        split, column, how = args.by_repeat, "target", "by target: a re-click of an item in the prefix, or new"
+        rows = by_repeat(Path(args.a), Path(args.b), split, args.metrics, root)
+    print(f"{split} samples {how}; ± is the 95% half-width\n")
+    print(_fmt_table(rows, [column, "samples", *(f"{c} {k}" for k in args.metrics
+                                                 for c in ("A", "B", "A - B", "±"))]))
     return 0
 
 
@@ -362,10 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("a", help="result file A (OUT/NAME/<dataset>__<label>__seed<S>.json)")
     c.add_argument("b", help="result file B, of the same dataset")
     c.add_argument("--metrics", nargs="+", default=["P@20", "MRR@20"], help="(P@20 MRR@20)")
-    c.add_argument("--by-length", nargs="?", const="test", default=None, choices=["valid", "test"],
-                   help="per prefix-length bucket of this split (test when given alone); loads the runs' data")
-    c.add_argument("--data-dir", default=None,
-                   help="with --by-length: the runs' data folder, when it moved since (checked against the runs)")
+    by = c.add_mutually_exclusive_group()
+    by.add_argument("--by-length", nargs="?", const="test", default=None, choices=["valid", "test"],
+                    help="per prefix-length bucket of this split (test when given alone); loads the runs' data")
+    by.add_argument("--by-repeat", nargs="?", const="test", default=None, choices=["valid", "test"],
+                    help="targets that re-click an item of their prefix apart from new ones, in this split "
+                         "(test when given alone); loads the runs' data")
+    c.add_argument("--data-dir", default=None, help="with --by-length / --by-repeat: the runs' data folder, "
+                                                    "when it moved since (checked against the runs)")
     c.set_defaults(func=cmd_compare)
     return p
 

@@ -71,6 +71,10 @@ class MTDConfig:
     score_norm: bool = True
     score_scale: float = 12.0  # the scale of cosine scoring (its initial value when learned)
     learn_score_scale: bool = False
+    # a learned bias on the scores of the items already in the session (models/repeat.py: a gate on
+    # the session vector, the item's recency and click count; zero at the start); MTD only, off by
+    # default until converged runs choose it on validation (README "Re-clicks")
+    repeat_bias: bool = False
     # Baseline knobs (ignored by MTD); see each model file for what it reads.
     gnn_steps: int = 1  # SR-GNN gated GNN propagation steps
     knn_neighbors: int = 100  # ItemKNN neighbourhood size
@@ -114,7 +118,7 @@ class MTDConfig:
             _check(self.graph_norm == "sym", "graph_norm", self.graph_norm,
                    "graph_encoder='gat' (MTD-ga) normalizes by its attention softmax, not by graph_norm")
         for name in ("learn_position_decay", "use_self_attention", "use_position_decay", "graph_directed",
-                     "graph_weighted", "score_norm", "learn_score_scale"):
+                     "graph_weighted", "score_norm", "learn_score_scale", "repeat_bias"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "a bool")
         _check(_is_int(self.gnn_steps) and self.gnn_steps >= 1, "gnn_steps", self.gnn_steps, "an int >= 1")
         _check(_is_int(self.knn_neighbors) and self.knn_neighbors >= 1, "knn_neighbors", self.knn_neighbors,

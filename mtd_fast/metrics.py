@@ -248,7 +248,11 @@ def batch_ranks(model, batch, targets: torch.Tensor, chunk_size: Optional[int] =
     """Ranks (batch,) of `targets` (ids 1..M) under `model` for one prepared batch: through
     `score_parts` in chunks when the model has it, else on its full `scores`."""
     if getattr(model, "has_score_parts", False):
-        q, table = model.score_parts(batch)
+        q, table, extra = model.score_terms(batch)
+        if extra is not None:
+            from .models.repeat import biased_ranks
+
+            return biased_ranks(q, table, targets, *extra)
         return ranks_from_parts(q, table, targets, chunk_size)
     return ranks_from_scores(model.scores(batch), targets)
 

@@ -188,6 +188,12 @@ def test_cli_compare_prints_the_paired_difference_and_names_what_is_wrong(finish
     assert main(["compare", str(a), str(b), "--by-length"]) == 0
     text = capsys.readouterr().out
     assert "test samples by prefix length" in text and "| A - B P@20 | ± P@20 |" in text
+    assert main(["compare", str(a), str(b), "--by-repeat", "valid"]) == 0
+    text = capsys.readouterr().out
+    assert "valid samples by target" in text and "| repeat |" in text and "| new |" in text
+    with pytest.raises(SystemExit):  # one grouping at a time
+        main(["compare", str(a), str(b), "--by-length", "--by-repeat"])
+    capsys.readouterr()
     assert main(["compare", str(a), str(b), "--metrics", "P@50"]) == 2
     assert "--metrics P@50" in capsys.readouterr().err
     for p in out.iterdir():
@@ -231,3 +237,22 @@ def test_by_length_splits_the_paired_difference_over_prefix_lengths(finished, tm
     a2.write_text(json.dumps(rec))
     with pytest.raises(Exception, match="not what the run ranked"):
         by_length(a2, runner.result_path(tmp_path, spec("stamp", 0)), "test")
+
+
+def test_by_repeat_splits_re_clicks_from_new_targets(finished):
+    from mtd_fast.experiments.paired import by_repeat, repeat_mask
+
+    out, recs = finished
+    ds = mtd_fast.load_dataset("synthetic", **DATA)
+    for split in ("valid", "test"):
+        samples = ds.split(split)
+        want = np.array([int(samples.targets[i]) in set(samples.prefixes[i].tolist()) for i in range(len(samples))])
+        assert 0 < want.sum() < len(samples)  # both groups present, so the check below can fail
+        assert np.array_equal(repeat_mask(samples), want)
+    a, b = runner.result_path(out, spec("mtd", 0)), runner.result_path(out, spec("pop"))
+    rows = by_repeat(a, b, "test")
+    assert [r["target"] for r in rows] == ["repeat", "new"]
+    assert rows[0]["samples"] == int(repeat_mask(ds.test).sum()) and sum(r["samples"] for r in rows) == len(ds.test)
+    for k in ("P@20", "MRR@20"):
+        whole = recs[("mtd", 0)]["metrics"][k] - recs[("pop", 0)]["metrics"][k]
+        assert sum(r["samples"] * r[f"A - B {k}"] for r in rows) / len(ds.test) == pytest.approx(whole, abs=1e-9)

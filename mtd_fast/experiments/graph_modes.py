@@ -39,6 +39,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {}
 for _label, (_model, _kw) in _BASE.items():
     VARIANTS[_label] = (_model, {**_kw, "score_norm": False})
     VARIANTS[_label + "+cos"] = (_model, {**_kw, "score_norm": True})
+# the default and MTD-lo with the learned bias on the session's own items (models/repeat.py)
+VARIANTS["residual-rep+cos"] = ("mtd", {**_BASE["residual"][1], "score_norm": True, "repeat_bias": True})
+VARIANTS["mtd-lo-rep+cos"] = ("mtd-lo", {"score_norm": True, "repeat_bias": True})
 # the default with a learned cosine scale (the softmax temperature; starts at score_scale): cosine
 # scoring only, so no dot-product twin
 VARIANTS["residual-ls+cos"] = ("mtd", {**_BASE["residual"][1], "score_norm": True, "learn_score_scale": True})
@@ -47,12 +50,15 @@ WHAT = {"mtd-lo": "no graph", "overwrite": "E[nodes] = H after each graph phase 
         "residual": "T = E + GCN(E) for items and candidates, + DGI", "residual-w0": "T = E + GCN(E), no DGI term",
         "residual-light": "T = mean_l A^l E (LightGCN), no DGI term",
         "residual-gdrop": "T = E + dropout_0.5(GCN(E)) in training (GCE-GNN's global dropout), + DGI",
-        "residual-ls": "the default with the cosine scale learned (from 12)"}
+        "residual-ls": "the default with the cosine scale learned (from 12)",
+        "residual-rep": "the default + a learned bias on the session's own items (re-clicks)",
+        "mtd-lo-rep": "no graph, + the learned bias on the session's own items"}
 
 
 def baseline_of(label: str) -> str:
     """The MTD-lo variant with the same scoring as `label`."""
-    return "mtd-lo+cos" if label.endswith("+cos") else "mtd-lo"
+    base = "mtd-lo-rep" if label.split("+")[0].endswith("-rep") else "mtd-lo"
+    return base + "+cos" if label.endswith("+cos") else base
 
 
 def specs(study: Study):

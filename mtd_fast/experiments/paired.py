@@ -29,7 +29,7 @@ from .report import ExperimentError, display_name, markdown_table
 from .runner import read_result
 
 __all__ = ["per_sample", "paired_difference", "paired_json", "paired_markdown", "compare_files", "by_length",
-           "record_dataset", "KEYS", "Z95", "LENGTH_BUCKETS"]
+           "by_repeat", "repeat_mask", "record_dataset", "KEYS", "Z95", "LENGTH_BUCKETS"]
 
 KEYS = ("P@20", "MRR@20")
 # prefix-length buckets of `by_length` (clicks before the target): (label, lowest, highest or None)
@@ -189,22 +189,29 @@ def record_dataset(record: dict[str, Any], root: Optional[Path] = None):
     return ds
 
 
-def by_length(a: Path, b: Path, split: str = "test", keys: Sequence[str] = KEYS,
-              root: Optional[Path] = None) -> list[dict[str, Any]]:
-    """`compare_files` per prefix-length bucket (LENGTH_BUCKETS: clicks before the target) of
-    one split: rows of {"length", "samples", then per metric "A", "B", "A - B" and the 95%
-    half-width}. The dataset is loaded again from A's record (or `root`) and checked against
-    the rank files' sample digests."""
+def repeat_mask(samples) -> np.ndarray:
+    """bool per sample: the target is one of the items already clicked in its prefix (a
+    re-click, what S-POP predicts), against an item new to the session."""
+    lengths = np.diff(samples.prefixes.offsets)
+    owner = np.repeat(np.arange(len(samples)), lengths)
+    hit = samples.prefixes.items == samples.targets[owner]
+    return np.bincount(owner[hit], minlength=len(samples)) > 0
+
+
+def _grouped(a: Path, b: Path, split: str, keys: Sequence[str], root: Optional[Path], column: str,
+             groups) -> list[dict[str, Any]]:
+    """`compare_files` per group of one split's samples: `groups(samples)` yields (label,
+    bool mask); rows of {column, "samples", then per metric "A", "B", "A - B" and the 95%
+    half-width}, empty groups left out. The dataset is loaded again from A's record (or
+    `root`) and checked against the rank files' sample digests."""
     if split not in RANK_SPLITS:
         raise ExperimentError(f"split {split!r}: use one of {', '.join(RANK_SPLITS)}")
     (ra, xa), (_, xb) = _paired_sides(Path(a), Path(b))
-    lengths = np.diff(record_dataset(ra, root).split(split).prefixes.offsets)
     rows = []
-    for label, lo, hi in LENGTH_BUCKETS:
-        sel = (lengths >= lo) if hi is None else (lengths >= lo) & (lengths <= hi)
+    for label, sel in groups(record_dataset(ra, root).split(split)):
         if not sel.any():
             continue
-        row: dict[str, Any] = {"length": label, "samples": int(sel.sum())}
+        row: dict[str, Any] = {column: label, "samples": int(sel.sum())}
         for k in keys:
             d = paired_difference([xa[split][sel]], [xb[split][sel]], k)
             row.update({f"A {k}": 100.0 * float(per_sample(xa[split][sel], k).mean()),
@@ -212,3 +219,31 @@ def by_length(a: Path, b: Path, split: str = "test", keys: Sequence[str] = KEYS,
                         f"A - B {k}": d["diff"], f"± {k}": d["half"]})
         rows.append(row)
     return rows
+
+
+def _length_groups(samples):
+    lengths = np.diff(samples.prefixes.offsets)
+    for label, lo, hi in LENGTH_BUCKETS:
+        yield label, (lengths >= lo) if hi is None else (lengths >= lo) & (lengths <= hi)
+
+
+def _repeat_groups(samples):
+    rep = repeat_mask(samples)
+    yield "repeat", rep
+    yield "new", ~rep
+
+
+def by_length(a: Path, b: Path, split: str = "test", keys: Sequence[str] = KEYS,
+              root: Optional[Path] = None) -> list[dict[str, Any]]:
+    """`compare_files` per prefix-length bucket (LENGTH_BUCKETS: clicks before the target) of
+    one split: rows of {"length", "samples", then per metric "A", "B", "A - B" and the 95%
+    half-width}. The dataset is loaded again from A's record (or `root`) and checked against
+    the rank files' sample digests."""
+    return _grouped(a, b, split, keys, root, "length", _length_groups)
+
+
+def by_repeat(a: Path, b: Path, split: str = "test", keys: Sequence[str] = KEYS,
+              root: Optional[Path] = None) -> list[dict[str, Any]]:
+    """`compare_files` over the samples whose target re-clicks an item of its prefix
+    ("repeat") and the rest ("new"): rows as `by_length`'s with "target" for "length"."""
+    return _grouped(a, b, split, keys, root, "target", _repeat_groups)

@@ -28,6 +28,9 @@ from .. import ops
 from ..config import MTDConfig
 from ..data.store import DataError, Sessions, pad_batch
 from ..metrics import topk_from_parts, topk_from_scores
+from .repeat import biased_cross_entropy, biased_topk, dense_biased_scores
+
+SparseTerm = tuple[torch.Tensor, torch.Tensor]  # (ids (B, U), bias (B, U)): `score_terms`
 
 __all__ = ["SessionModel", "Batch"]
 
@@ -82,8 +85,17 @@ class SessionModel(nn.Module):
 
     def scores(self, batch: Batch) -> torch.Tensor:
         """(batch, M) scores for item ids 1..M."""
-        q, table = self.score_parts(batch)
+        q, table, extra = self.score_terms(batch)
+        if extra is not None:
+            return dense_biased_scores(q, table, *extra)
         return q @ table.t()
+
+    def score_terms(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, Optional[SparseTerm]]:
+        """`score_parts` and a sparse term on top of them: (q, table, None), or (q, table,
+        (ids (B, U), bias (B, U))) when the scores are q @ table.T plus `bias` at the session's
+        items `ids` (0 = padding; MTD's `repeat_bias`). The loss, ranking and top-k read this."""
+        q, table = self.score_parts(batch)
+        return q, table, None
 
     def fit(self, dataset) -> None:  # non-neural models only
         raise NotImplementedError
@@ -110,9 +122,15 @@ class SessionModel(nn.Module):
         """Mean full-softmax cross-entropy of the targets (item ids 1..M) over the catalogue."""
         targets = self._check_targets(targets)
         if self.has_score_parts:
-            q, table = self.score_parts(batch)
-            return self.parts_loss(q, table, targets)
+            return self.terms_loss(*self.score_terms(batch), targets)
         return F.cross_entropy(self.scores(batch), targets.long() - 1)
+
+    def terms_loss(self, q: torch.Tensor, table: torch.Tensor, extra, targets: torch.Tensor) -> torch.Tensor:
+        """`parts_loss`, or with a sparse term (`score_terms`) the exact cross-entropy of the
+        biased scores (`models.repeat.biased_cross_entropy`)."""
+        if extra is None:
+            return self.parts_loss(q, table, targets)
+        return biased_cross_entropy(q, table, targets.long() - 1, *extra)
 
     def parts_loss(self, q: torch.Tensor, table: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of q @ table.T against targets (item ids 1..M), through
@@ -147,7 +165,9 @@ class SessionModel(nn.Module):
         ties by the smaller id: `mtd_fast.metrics.topk_from_scores`); a running top-k over
         chunks of the catalogue for models with `score_parts`."""
         if self.has_score_parts:
-            q, table = self.score_parts(batch)
+            q, table, extra = self.score_terms(batch)
+            if extra is not None:
+                return biased_topk(q, table, *extra, k)
             return topk_from_parts(q, table, k)
         return topk_from_scores(self.scores(batch), k)
 

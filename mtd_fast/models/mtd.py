@@ -43,6 +43,7 @@ from ..config import MTDConfig
 from ..ops.common import normalize_rows, permute_rows, position_index, segment_softmax, segment_sum
 from .base import Batch, SessionModel
 from .layers import LN_EPS, Packing, SelfAttentionBlock, init_attention_encoder
+from .repeat import RepeatBias, session_items
 
 __all__ = ["MTD", "GCNLayer", "GATLayer"]
 
@@ -133,6 +134,8 @@ class MTD(SessionModel):
                 self.score_scale = nn.Parameter(scale)
             else:
                 self.register_buffer("score_scale", scale)
+        # the learned bias on the session's own items (models/repeat.py); None when off
+        self.repeat = RepeatBias(d) if cfg.repeat_bias else None
         self.graph = None  # GlobalGraph of the training sessions; set by `set_graph` when a mode reads it per step
         self._table_cache: Optional[tuple[tuple, torch.Tensor]] = None
         self.reset_parameters()
@@ -145,6 +148,8 @@ class MTD(SessionModel):
         for w in glorot:
             nn.init.xavier_uniform_(w)
         nn.init.uniform_(self.att_vec, -math.sqrt(6.0 / (d + 1)), math.sqrt(6.0 / (d + 1)))  # Glorot for (d, 1)
+        if self.repeat is not None:
+            self.repeat.reset_parameters()
         if self.config.graph_mode == "residual":
             # T = E + tanh(LN(.)): with LN's gain at 1 the branch starts with row norms ~6.5 against
             # E's ~0.58 and drowns the embeddings (the overwrite mode's failure); start it at the
@@ -266,6 +271,14 @@ class MTD(SessionModel):
             q, cand = normalize_rows(q) * self.score_scale, normalize_rows(cand)
         return q, cand
 
+    def score_terms(self, batch: Batch, table: Optional[torch.Tensor] = None):
+        """`score_parts`, and with `repeat_bias` the bias on each session's distinct items."""
+        q, cand = self.score_parts(batch, table)
+        if self.repeat is None:
+            return q, cand, None
+        ids, recency, count = session_items(batch["items"], batch["lengths"])
+        return q, cand, (ids, self.repeat(q, ids, recency, count))
+
     def multitask_loss(self, batch: Batch, targets: torch.Tensor, graph_weight: float,
                        perm: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Per-step loss of graph_mode "joint" / "residual": mean cross-entropy + graph_weight *
@@ -276,8 +289,7 @@ class MTD(SessionModel):
         if dgi_on and perm is None:
             perm = torch.randperm(self.graph.num_nodes, device=self.item_emb.weight.device)
         table, _, h, h_neg = self._propagate(perm if dgi_on else None)
-        q, cand = self.score_parts(batch, table)
-        rec = self.parts_loss(q, cand, self._check_targets(targets))
+        rec = self.terms_loss(*self.score_terms(batch, table), self._check_targets(targets))
         if not dgi_on:
             return rec, None
         dgi = self.dgi_bce(h, h_neg)

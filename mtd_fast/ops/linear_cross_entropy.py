@@ -55,6 +55,7 @@ from .common import triton_devices, triton_usable
 from .dispatch import register, resolve
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_ref", "linear_cross_entropy_chunked", "check_inputs",
+           "row_logsumexp",
            "plan_chunks", "ROWS_BUDGET_BYTES", "ITEMS_BUDGET_BYTES", "ROWS_MAX_ITEMS"]
 
 # Working buffer when chunk_size is None, per strategy. Measured at 43k items, batch 512,
@@ -316,6 +317,66 @@ def linear_cross_entropy_chunked(q: torch.Tensor, item_table: torch.Tensor, targ
     if strategy == "rows":
         return _RowsFunction.apply(q, item_table, targets, n)
     return _ItemsFunction.apply(q, item_table, targets, n)
+
+
+# --------------------------------------------------------------------------------------------
+# per-row log-sum-exp, differentiable, without the (batch, M) logits
+# --------------------------------------------------------------------------------------------
+class _RowLse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, table, cols):
+        b, m = q.shape[0], table.shape[0]
+        wdt = _work_dtype(q.dtype)
+        buf = torch.empty((b, min(cols, m)), dtype=wdt, device=q.device)
+        mx = torch.full((b,), -math.inf, dtype=wdt, device=q.device)
+        s = torch.zeros(b, dtype=wdt, device=q.device)
+        for c0 in range(0, m, cols):
+            c1 = min(m, c0 + cols)
+            logits = _logits_into(buf[:, :c1 - c0], q, table[c0:c1].t())
+            m_new = torch.maximum(mx, logits.amax(1))
+            logits.sub_(m_new[:, None]).exp_()
+            s.mul_(torch.exp(mx - m_new)).add_(logits.sum(1))
+            mx = m_new
+        lse = mx + s.log()
+        ctx.save_for_backward(q, table, lse)
+        ctx.cols = cols
+        return lse.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, table, lse = ctx.saved_tensors
+        need_dq, need_dt = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        b, m, cols = q.shape[0], table.shape[0], ctx.cols
+        wdt = _work_dtype(q.dtype)
+        buf = torch.empty((b, min(cols, m)), dtype=wdt, device=q.device)
+        dq = torch.zeros_like(q) if need_dq else None
+        dt = torch.empty_like(table) if need_dt else None
+        neg_lse, g_col = (-lse)[:, None], grad.to(wdt)[:, None]
+        for c0 in range(0, m, cols):
+            c1 = min(m, c0 + cols)
+            tc = table[c0:c1]
+            p = _logits_into(buf[:, :c1 - c0], q, tc.t()).add_(neg_lse).exp_().mul_(g_col).to(q.dtype)
+            if need_dq:
+                dq.addmm_(p, tc)
+            if need_dt:
+                torch.mm(p.t(), q, out=dt[c0:c1])
+        return dq, dt, None
+
+
+def row_logsumexp(q: torch.Tensor, item_table: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """`torch.logsumexp(q @ item_table.T, dim=1)` (batch,), differentiable in q and the table,
+    without the (batch, M) logits: an online log-sum-exp over catalogue chunks, recomputed in
+    backward (the "items" strategy's sweeps). `chunk_size`: the most logits one chunk holds
+    (None: ITEMS_BUDGET_BYTES). For losses that change a few logits per row (a sparse bias
+    on the session's items) and need the rest of the softmax's normaliser exactly."""
+    if q.dim() != 2 or item_table.dim() != 2 or q.shape[1] != item_table.shape[1] or item_table.shape[0] == 0:
+        raise ValueError(f"row_logsumexp: q must be (batch, dim) and item_table (M >= 1, dim), got "
+                         f"{tuple(q.shape)} and {tuple(item_table.shape)}")
+    if q.dtype != item_table.dtype or q.device != item_table.device:
+        raise ValueError("row_logsumexp: q and item_table must share dtype and device")
+    elem = torch.empty((), dtype=_work_dtype(q.dtype)).element_size()
+    _, cols = plan_chunks(max(1, q.shape[0]), item_table.shape[0], chunk_size, elem, "items")
+    return _RowLse.apply(q, item_table, cols)
 
 
 # ---- backends: rank orders auto's preference (lower first); reference is the fallback -------
