@@ -1,0 +1,160 @@
+"""MTDConfig.repeat_bias: the bias on the session's own items, its exact loss, ranking and top-k."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import mtd_fast
+from mtd_fast import MTD, MTDConfig
+from mtd_fast.data.dataset import Dataset, DataWarning
+from mtd_fast.data.store import Samples, Sessions
+from mtd_fast.metrics import ranks_from_scores, topk_from_scores
+from mtd_fast.models.repeat import (biased_cross_entropy, biased_cross_entropy_ref, biased_ranks, biased_topk,
+                                    dense_biased_scores, session_items)
+from mtd_fast.ops.linear_cross_entropy import row_logsumexp
+
+
+def _padded(rng, b, max_len, n_items):
+    lengths = rng.integers(1, max_len + 1, b)
+    items = np.zeros((b, max_len), dtype=np.int64)
+    for i, n in enumerate(lengths):
+        items[i, :n] = rng.integers(1, n_items + 1, n)  # small catalogue: many repeats
+    return torch.from_numpy(items), torch.from_numpy(lengths)
+
+
+def test_session_items_lists_each_distinct_item_with_its_recency_and_count():
+    rng = np.random.default_rng(0)
+    items, lengths = _padded(rng, 40, 9, 6)
+    ids, rec, cnt = session_items(items, lengths)
+    assert ids.shape == rec.shape == cnt.shape
+    for i in range(len(items)):
+        seq = items[i, :lengths[i]].tolist()
+        want = {x: (len(seq) - 1 - max(p for p, y in enumerate(seq) if y == x), seq.count(x)) for x in set(seq)}
+        got = {int(x): (int(r), int(c)) for x, r, c in zip(ids[i], rec[i], cnt[i]) if x > 0}
+        assert got == want
+        assert ids[i, len(want):].eq(0).all() and cnt[i, len(want):].eq(0).all()
+        assert ids[i, :len(want)].tolist() == sorted(want)
+    assert ids.shape[1] == max(len(set(items[i, :lengths[i]].tolist())) for i in range(len(items)))
+    empty = session_items(torch.zeros((0, 3), dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    assert all(t.shape == (0, 0) for t in empty)
+
+
+def test_row_logsumexp_is_logsumexp_and_its_gradient():
+    torch.manual_seed(0)
+    q = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(23, 5, dtype=torch.float64, requires_grad=True)
+    for chunk in (7, 7 * 4, None):  # one item per chunk, a ragged last chunk, one chunk
+        got = row_logsumexp(q, t, chunk)
+        assert torch.allclose(got, torch.logsumexp(q @ t.t(), 1), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b: row_logsumexp(a, b, 7 * 4), (q, t))
+    with pytest.raises(ValueError, match="row_logsumexp"):
+        row_logsumexp(q, t[:, :4])
+
+
+def _case(seed=0, dtype=torch.float64, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    b, m, d = 6, 40, 8
+    q = torch.randn(b, d, generator=g, dtype=dtype)
+    table = torch.randn(m, d, generator=g, dtype=dtype)
+    # rows: several items, one, the last item id, none (padding only), four, two
+    ids = torch.tensor([[1, 5, 9, 0], [2, 0, 0, 0], [40, 3, 0, 0], [0, 0, 0, 0], [7, 8, 10, 11], [12, 13, 0, 0]])
+    bias = torch.randn(b, 4, generator=g, dtype=dtype) * scale
+    targets = torch.tensor([4, 1, 39, 5, 9, 20])  # rows 0, 2, 4 re-click a session item, the others do not
+    return q, table, ids, bias, targets
+
+
+@pytest.mark.parametrize("scale", [0.0, 3.0, 15.0])
+def test_biased_cross_entropy_is_the_dense_formula_with_its_gradients(scale):
+    q, table, ids, bias, targets = _case(scale=scale)
+    args = [x.clone().requires_grad_(True) for x in (q, table, bias)]
+    want = biased_cross_entropy_ref(args[0], args[1], targets, ids, args[2])
+    g_want = torch.autograd.grad(want, args)
+    for chunk in (6 * 7, None):
+        got = biased_cross_entropy(args[0], args[1], targets, ids, args[2], chunk_size=chunk)
+        assert got.item() == pytest.approx(want.item(), rel=1e-12)
+        for a, b in zip(torch.autograd.grad(got, args), g_want):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    # the padding columns' bias changes nothing; a session item's does
+    bias2 = bias.clone()
+    bias2[ids == 0] += 100.0
+    assert biased_cross_entropy(q, table, targets, ids, bias2).item() == pytest.approx(
+        biased_cross_entropy(q, table, targets, ids, bias).item(), rel=1e-12)
+    bias2[0, 0] += 1.0
+    assert biased_cross_entropy(q, table, targets, ids, bias2).item() != pytest.approx(
+        biased_cross_entropy(q, table, targets, ids, bias).item(), rel=1e-9)
+
+
+def test_biased_cross_entropy_in_float32_matches_the_dense_formula():
+    q, table, ids, bias, targets = _case(seed=1, dtype=torch.float32, scale=5.0)
+    assert biased_cross_entropy(q * 4, table, targets, ids, bias).item() == pytest.approx(
+        biased_cross_entropy_ref(q * 4, table, targets, ids, bias).item(), rel=1e-5)
+
+
+def test_biased_ranks_and_topk_are_the_dense_ones_in_any_row_chunking():
+    q, table, ids, bias, targets = _case()
+    q, table = q.round(), table.round()  # integer scores: many ties, broken by the smaller id
+    bias = bias.round()
+    dense = dense_biased_scores(q, table, ids, bias)
+    assert dense[0, 4] == (q[0] @ table[4]) + bias[0, 1] and dense[3].equal(q[3] @ table.t())
+    want_r, want_k = ranks_from_scores(dense, targets + 1), topk_from_scores(dense, 10)
+    for chunk in (1, 4, None):
+        assert biased_ranks(q, table, targets + 1, ids, bias, chunk).equal(want_r)
+        assert biased_topk(q, table, ids, bias, 10, chunk).equal(want_k)
+    with pytest.raises(ValueError, match="session ids"):
+        biased_ranks(q, table, targets + 1, ids + 40, bias)
+
+
+def _alternating(n, seed):
+    """Sessions a b a b a b of random pairs: every target after the first click re-clicks the
+    item before last, which no item-to-item pattern predicts (the pairs are random)."""
+    rng = np.random.default_rng(seed)
+    pairs = [rng.choice(np.arange(1, 1001), 2, replace=False).tolist() for _ in range(n)]
+    return [[a, b] * 3 for a, b in pairs]
+
+
+def test_mtd_with_repeat_bias_starts_as_without_and_learns_re_clicks():
+    torch.manual_seed(3)
+    plain = MTD(50, MTDConfig(hidden_size=8))
+    torch.manual_seed(3)
+    rep = MTD(50, MTDConfig(hidden_size=8, repeat_bias=True))
+    sd = rep.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in plain.state_dict().items())  # same draws, bias at 0
+    batch = rep.batch_from_sessions(Sessions.from_lists([[1, 2, 1], [3], [4, 5, 6, 4]]), np.arange(3))
+    plain.eval(), rep.eval()
+    assert torch.allclose(rep.scores(batch), plain.scores(batch))
+
+    test = _alternating(200, 1)
+    xs = [s[:k] for s in test for k in range(1, len(s))]
+    ys = [s[k] for s in test for k in range(1, len(s))]
+    with pytest.warns(DataWarning, match="never clicked"):  # some pairs' items are new: misses for both
+        ds = Dataset("alternating", Sessions.from_lists(_alternating(1500, 0)), Samples.from_lists(xs, ys),
+                     n_items=1000)
+    kw = dict(epochs=3, quiet=True, hidden_size=16, seed=0, batch_size=128, lr=1e-2)
+    base = mtd_fast.train(ds, model="mtd", **kw)
+    with_bias = mtd_fast.train(ds, model="mtd", repeat_bias=True, **kw)
+    r = with_bias.model.repeat.recency.detach()
+    assert r[1] > 0.5 and r[0] < -0.5  # learned: the item before last comes back, the last one does not
+    # 80% of the targets are re-clicks: the bias puts them first far more often
+    assert with_bias.metrics["MRR@20"] > base.metrics["MRR@20"] + 8.0
+    # the evaluation's ranks are those of the dense biased scores
+    m = with_bias.model.eval()
+    idx = np.arange(64)
+    b = m.batch_from_sessions(ds.test.prefixes, idx)
+    targets = torch.from_numpy(ds.test.targets[idx].astype(np.int64))
+    from mtd_fast.metrics import batch_ranks
+
+    with torch.no_grad():
+        assert batch_ranks(m, b, targets).equal(ranks_from_scores(m.scores(b), targets))
+
+
+def test_save_and_load_keep_the_repeat_bias(tmp_path):
+    ds = mtd_fast.load_dataset("synthetic", n_sessions=300, n_items=60)
+    res = mtd_fast.train(ds, model="mtd", epochs=1, quiet=True, hidden_size=8, batch_size=64, repeat_bias=True,
+                         lr=1e-2)
+    assert res.model.repeat.offset.item() != 0.0
+    mtd_fast.save(res.model, tmp_path / "m.pt")
+    back = mtd_fast.load(tmp_path / "m.pt")
+    assert back.config.repeat_bias and torch.equal(back.repeat.recency, res.model.repeat.recency)
+    sessions = [[1, 2, 1], [5, 6]]
+    assert torch.equal(back.recommend(sessions, k=10), res.model.recommend(sessions, k=10))
