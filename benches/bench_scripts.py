@@ -119,3 +119,21 @@ def test_lr_probe_smoke(tmp_path):
     assert same["from_epoch"] == lower["from_epoch"] == 1 and [e["epoch"] for e in lower["epochs"]] == [2]
     assert same["epochs"][0]["valid"] == ahead.history[1]["valid"]  # lr 1e-3 replays the run's epoch 2 exactly
     assert lower["epochs"][0]["valid"] != same["epochs"][0]["valid"]
+
+
+def test_repeat_probe_smoke(tmp_path):
+    """benches/repeat_probe.py (a repeat bias fitted on half of validation, the model frozen; run
+    by hand) on a one-epoch synthetic run: without the bias it gives the run's own test metrics."""
+    import mtd_fast
+
+    run_dir = tmp_path / "run"
+    res = mtd_fast.train(mtd_fast.load_dataset("synthetic"), model="mtd", epochs=1, run_dir=run_dir, quiet=True,
+                         hidden_size=8, max_steps_per_epoch=3)
+    out = tmp_path / "probe.json"
+    smoke(tmp_path, "repeat_probe.py", "--run-dir", str(run_dir), "--dataset", "synthetic", "--steps", "5",
+          "--json", str(out))
+    data = json.loads(out.read_text())
+    for k in ("P@20", "MRR@20"):
+        assert data["without"]["test"]["all"][k] == round(res.metrics[k], 2)
+    assert data["bias"]["offset"] != 0 and data["checkpoint_epoch"] == 1
+    assert set(data["with"]["test"]) <= {"all", "repeat", "new"} and "all" in data["with"]["test"]

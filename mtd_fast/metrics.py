@@ -30,7 +30,8 @@ from typing import Iterable, Optional
 import torch
 
 __all__ = ["KS", "METRIC_KEYS", "ranks_from_scores", "ranks_from_parts", "topk_from_scores", "topk_from_parts",
-           "batch_ranks", "MetricAccumulator", "better", "RANK_BUDGET_BYTES", "TOPK_BUDGET_BYTES"]
+           "batch_ranks", "MetricAccumulator", "better", "RANK_BUDGET_BYTES", "TOPK_BUDGET_BYTES",
+           "dense_biased_scores", "biased_ranks", "biased_topk", "check_session_terms"]
 
 # Score columns per chunk: this many bytes of fp32 scores. Measured at 43k items, 1 thread,
 # CPU time: ranking a batch of 1024 took 196 / 202 / 548 / 613 ms with chunks of 4 / 8 / 16 /
@@ -250,8 +251,6 @@ def batch_ranks(model, batch, targets: torch.Tensor, chunk_size: Optional[int] =
     if getattr(model, "has_score_parts", False):
         q, table, extra = model.score_terms(batch)
         if extra is not None:
-            from .models.repeat import biased_ranks
-
             return biased_ranks(q, table, targets, *extra)
         return ranks_from_parts(q, table, targets, chunk_size)
     return ranks_from_scores(model.scores(batch), targets)
@@ -285,3 +284,47 @@ def better(a: dict[str, float], b: dict[str, float] | None) -> bool:
     if b is None:
         return True
     return (a["P@20"], a["MRR@20"]) > (b["P@20"], b["MRR@20"])
+
+
+# ---- scores plus a sparse term on each row's session items (MTDConfig.repeat_bias) ----------
+def check_session_terms(q: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor) -> None:
+    """(batch, U) session item ids (0 = padding, else 1..M) and a bias of the same shape."""
+    if ids.shape != bias.shape or ids.dim() != 2 or ids.shape[0] != q.shape[0]:
+        raise ValueError(f"session ids and bias must both be (batch={q.shape[0]}, U), got {tuple(ids.shape)} "
+                         f"and {tuple(bias.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > table.shape[0]):
+        raise ValueError(f"session ids must be item ids 1..{table.shape[0]} or 0 (padding)")
+
+
+def dense_biased_scores(q: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The (batch, M) scores q @ table.T with `bias` (batch, U) added at (row, ids - 1): the
+    scores of a model with a sparse term on the session's items (`models.repeat`)."""
+    scores = q @ table.t()
+    valid = ids > 0
+    rows = torch.arange(q.shape[0], device=q.device)[:, None].expand_as(ids)
+    return scores.index_put((rows[valid], ids[valid] - 1), bias[valid].to(scores.dtype), accumulate=True)
+
+
+def _row_chunks(batch: int, n_items: int, budget: int, chunk_size: Optional[int]):
+    rows = chunk_size if chunk_size is not None else max(1, budget // (4 * max(1, n_items)))
+    for r0 in range(0, batch, rows):
+        yield slice(r0, min(batch, r0 + rows))
+
+
+def biased_ranks(q: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor,
+                 chunk_size: Optional[int] = None) -> torch.Tensor:
+    """`ranks_from_scores(dense_biased_scores(...), targets)` (targets are item ids 1..M),
+    `chunk_size` rows at a time (None: RANK_BUDGET_BYTES of scores)."""
+    check_session_terms(q, table, ids, bias)
+    out = [ranks_from_scores(dense_biased_scores(q[r], table, ids[r], bias[r]), targets[r])
+           for r in _row_chunks(q.shape[0], table.shape[0], RANK_BUDGET_BYTES, chunk_size)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=q.device)
+
+
+def biased_topk(q: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor, k: int,
+                chunk_size: Optional[int] = None) -> torch.Tensor:
+    """`topk_from_scores(dense_biased_scores(...), k)`, `chunk_size` rows at a time."""
+    check_session_terms(q, table, ids, bias)
+    out = [topk_from_scores(dense_biased_scores(q[r], table, ids[r], bias[r]), k)
+           for r in _row_chunks(q.shape[0], table.shape[0], TOPK_BUDGET_BYTES, chunk_size)]
+    return torch.cat(out) if out else torch.zeros((0, k), dtype=torch.long, device=q.device)

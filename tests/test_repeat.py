@@ -10,8 +10,7 @@ from mtd_fast import MTD, MTDConfig
 from mtd_fast.data.dataset import Dataset, DataWarning
 from mtd_fast.data.store import Samples, Sessions
 from mtd_fast.metrics import ranks_from_scores, topk_from_scores
-from mtd_fast.models.repeat import (biased_cross_entropy, biased_cross_entropy_ref, biased_ranks, biased_topk,
-                                    dense_biased_scores, session_items)
+from mtd_fast.models import repeat as rp
 from mtd_fast.ops.linear_cross_entropy import row_logsumexp
 
 
@@ -26,7 +25,7 @@ def _padded(rng, b, max_len, n_items):
 def test_session_items_lists_each_distinct_item_with_its_recency_and_count():
     rng = np.random.default_rng(0)
     items, lengths = _padded(rng, 40, 9, 6)
-    ids, rec, cnt = session_items(items, lengths)
+    ids, rec, cnt = rp.session_items(items, lengths)
     assert ids.shape == rec.shape == cnt.shape
     for i in range(len(items)):
         seq = items[i, :lengths[i]].tolist()
@@ -36,7 +35,7 @@ def test_session_items_lists_each_distinct_item_with_its_recency_and_count():
         assert ids[i, len(want):].eq(0).all() and cnt[i, len(want):].eq(0).all()
         assert ids[i, :len(want)].tolist() == sorted(want)
     assert ids.shape[1] == max(len(set(items[i, :lengths[i]].tolist())) for i in range(len(items)))
-    empty = session_items(torch.zeros((0, 3), dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    empty = rp.session_items(torch.zeros((0, 3), dtype=torch.long), torch.zeros(0, dtype=torch.long))
     assert all(t.shape == (0, 0) for t in empty)
 
 
@@ -68,41 +67,41 @@ def _case(seed=0, dtype=torch.float64, scale=3.0):
 def test_biased_cross_entropy_is_the_dense_formula_with_its_gradients(scale):
     q, table, ids, bias, targets = _case(scale=scale)
     args = [x.clone().requires_grad_(True) for x in (q, table, bias)]
-    want = biased_cross_entropy_ref(args[0], args[1], targets, ids, args[2])
+    want = rp.biased_cross_entropy_ref(args[0], args[1], targets, ids, args[2])
     g_want = torch.autograd.grad(want, args)
     for chunk in (6 * 7, None):
-        got = biased_cross_entropy(args[0], args[1], targets, ids, args[2], chunk_size=chunk)
+        got = rp.biased_cross_entropy(args[0], args[1], targets, ids, args[2], chunk_size=chunk)
         assert got.item() == pytest.approx(want.item(), rel=1e-12)
         for a, b in zip(torch.autograd.grad(got, args), g_want):
             assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
     # the padding columns' bias changes nothing; a session item's does
     bias2 = bias.clone()
     bias2[ids == 0] += 100.0
-    assert biased_cross_entropy(q, table, targets, ids, bias2).item() == pytest.approx(
-        biased_cross_entropy(q, table, targets, ids, bias).item(), rel=1e-12)
+    assert rp.biased_cross_entropy(q, table, targets, ids, bias2).item() == pytest.approx(
+        rp.biased_cross_entropy(q, table, targets, ids, bias).item(), rel=1e-12)
     bias2[0, 0] += 1.0
-    assert biased_cross_entropy(q, table, targets, ids, bias2).item() != pytest.approx(
-        biased_cross_entropy(q, table, targets, ids, bias).item(), rel=1e-9)
+    assert rp.biased_cross_entropy(q, table, targets, ids, bias2).item() != pytest.approx(
+        rp.biased_cross_entropy(q, table, targets, ids, bias).item(), rel=1e-9)
 
 
 def test_biased_cross_entropy_in_float32_matches_the_dense_formula():
     q, table, ids, bias, targets = _case(seed=1, dtype=torch.float32, scale=5.0)
-    assert biased_cross_entropy(q * 4, table, targets, ids, bias).item() == pytest.approx(
-        biased_cross_entropy_ref(q * 4, table, targets, ids, bias).item(), rel=1e-5)
+    assert rp.biased_cross_entropy(q * 4, table, targets, ids, bias).item() == pytest.approx(
+        rp.biased_cross_entropy_ref(q * 4, table, targets, ids, bias).item(), rel=1e-5)
 
 
 def test_biased_ranks_and_topk_are_the_dense_ones_in_any_row_chunking():
     q, table, ids, bias, targets = _case()
     q, table = q.round(), table.round()  # integer scores: many ties, broken by the smaller id
     bias = bias.round()
-    dense = dense_biased_scores(q, table, ids, bias)
+    dense = rp.dense_biased_scores(q, table, ids, bias)
     assert dense[0, 4] == (q[0] @ table[4]) + bias[0, 1] and dense[3].equal(q[3] @ table.t())
     want_r, want_k = ranks_from_scores(dense, targets + 1), topk_from_scores(dense, 10)
     for chunk in (1, 4, None):
-        assert biased_ranks(q, table, targets + 1, ids, bias, chunk).equal(want_r)
-        assert biased_topk(q, table, ids, bias, 10, chunk).equal(want_k)
+        assert rp.biased_ranks(q, table, targets + 1, ids, bias, chunk).equal(want_r)
+        assert rp.biased_topk(q, table, ids, bias, 10, chunk).equal(want_k)
     with pytest.raises(ValueError, match="session ids"):
-        biased_ranks(q, table, targets + 1, ids + 40, bias)
+        rp.biased_ranks(q, table, targets + 1, ids + 40, bias)
 
 
 def _alternating(n, seed):

@@ -18,8 +18,8 @@ and is exact without the (batch, M) logits:
     lse'_i = lse_i + log1p(sum_j exp(s_ij - lse_i) * expm1(b_ij)),    loss_i = lse'_i - score_i,target
 
 (`biased_cross_entropy`; lse_i from `ops.row_logsumexp`). Ranking and top-k add the bias to
-row chunks of the scores within the same memory budget (`biased_ranks`, `biased_topk`).
-`*_ref` are the dense formulas the tests hold them to.
+row chunks of the scores within the same memory budget (`metrics.biased_ranks`, `metrics.biased_topk`).
+`biased_cross_entropy_ref` and `metrics.dense_biased_scores` are the dense formulas the tests hold them to.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..metrics import RANK_BUDGET_BYTES, TOPK_BUDGET_BYTES, ranks_from_scores, topk_from_scores
+from ..metrics import biased_ranks, biased_topk, check_session_terms, dense_biased_scores
 from ..ops.linear_cross_entropy import row_logsumexp
 
 __all__ = ["RECENCY_BUCKETS", "session_items", "RepeatBias", "biased_cross_entropy", "biased_cross_entropy_ref",
@@ -96,14 +96,6 @@ class RepeatBias(nn.Module):
         return torch.where(ids > 0, b, torch.zeros_like(b))
 
 
-def _check(q: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor) -> None:
-    if ids.shape != bias.shape or ids.dim() != 2 or ids.shape[0] != q.shape[0]:
-        raise ValueError(f"session ids and bias must both be (batch={q.shape[0]}, U), got {tuple(ids.shape)} "
-                         f"and {tuple(bias.shape)}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > table.shape[0]):
-        raise ValueError(f"session ids must be item ids 1..{table.shape[0]} or 0 (padding)")
-
-
 def _session_scores(q: torch.Tensor, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """s_ij = q_i . table[ids_ij - 1] (B, U); padding columns read row 0 (masked by callers)."""
     return torch.einsum("bd,bud->bu", q, table[(ids - 1).clamp_min(0)])
@@ -114,7 +106,7 @@ def biased_cross_entropy(q: torch.Tensor, table: torch.Tensor, targets: torch.Te
     """Mean cross-entropy of the logits q @ table.T plus `bias` at (row, ids - 1), exactly,
     without the (batch, M) logits. targets (batch,) in 0..M-1 (item id - 1); ids (batch, U)
     distinct item ids per row, 0 = padding; bias (batch, U)."""
-    _check(q, table, ids, bias)
+    check_session_terms(q, table, ids, bias)
     valid = ids > 0
     lse = row_logsumexp(q, table, chunk_size)  # (B,)
     s = _session_scores(q, table, ids)
@@ -127,41 +119,8 @@ def biased_cross_entropy(q: torch.Tensor, table: torch.Tensor, targets: torch.Te
     return (lse_b - target).mean()
 
 
-def dense_biased_scores(q: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The (batch, M) scores q @ table.T with `bias` added at (row, ids - 1)."""
-    scores = q @ table.t()
-    valid = ids > 0
-    rows = torch.arange(q.shape[0], device=q.device)[:, None].expand_as(ids)
-    return scores.index_put((rows[valid], ids[valid] - 1), bias[valid].to(scores.dtype), accumulate=True)
-
-
 def biased_cross_entropy_ref(q: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor,
                              bias: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
     """The dense formula: `F.cross_entropy` of `dense_biased_scores`."""
-    _check(q, table, ids, bias)
+    check_session_terms(q, table, ids, bias)
     return F.cross_entropy(dense_biased_scores(q, table, ids, bias), targets.long())
-
-
-def _row_chunks(batch: int, n_items: int, budget: int, chunk_size: Optional[int]):
-    rows = chunk_size if chunk_size is not None else max(1, budget // (4 * max(1, n_items)))
-    for r0 in range(0, batch, rows):
-        yield slice(r0, min(batch, r0 + rows))
-
-
-def biased_ranks(q: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor,
-                 chunk_size: Optional[int] = None) -> torch.Tensor:
-    """`ranks_from_scores(dense_biased_scores(...), targets)` (targets are item ids 1..M),
-    `chunk_size` rows at a time (None: RANK_BUDGET_BYTES of scores)."""
-    _check(q, table, ids, bias)
-    out = [ranks_from_scores(dense_biased_scores(q[r], table, ids[r], bias[r]), targets[r])
-           for r in _row_chunks(q.shape[0], table.shape[0], RANK_BUDGET_BYTES, chunk_size)]
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=q.device)
-
-
-def biased_topk(q: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor, k: int,
-                chunk_size: Optional[int] = None) -> torch.Tensor:
-    """`topk_from_scores(dense_biased_scores(...), k)`, `chunk_size` rows at a time."""
-    _check(q, table, ids, bias)
-    out = [topk_from_scores(dense_biased_scores(q[r], table, ids[r], bias[r]), k)
-           for r in _row_chunks(q.shape[0], table.shape[0], TOPK_BUDGET_BYTES, chunk_size)]
-    return torch.cat(out) if out else torch.zeros((0, k), dtype=torch.long, device=q.device)
