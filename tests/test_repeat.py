@@ -69,6 +69,11 @@ def test_biased_cross_entropy_is_the_dense_formula_with_its_gradients(scale):
     args = [x.clone().requires_grad_(True) for x in (q, table, bias)]
     want = rp.biased_cross_entropy_ref(args[0], args[1], targets, ids, args[2])
     g_want = torch.autograd.grad(want, args)
+    from mtd_fast.ops.linear_cross_entropy import sparse_biased_cross_entropy
+
+    # a 42-logit chunk holds one row of 40 items: the lse correction; None: the fused rows pass
+    assert sparse_biased_cross_entropy(q, table, targets, ids, bias, 6 * 7) is None
+    assert sparse_biased_cross_entropy(q, table, targets, ids, bias) is not None
     for chunk in (6 * 7, None):
         got = rp.biased_cross_entropy(args[0], args[1], targets, ids, args[2], chunk_size=chunk)
         assert got.item() == pytest.approx(want.item(), rel=1e-12)

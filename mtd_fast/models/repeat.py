@@ -17,7 +17,9 @@ and is exact without the (batch, M) logits:
 
     lse'_i = lse_i + log1p(sum_j exp(s_ij - lse_i) * expm1(b_ij)),    loss_i = lse'_i - score_i,target
 
-(`biased_cross_entropy`; lse_i from `ops.row_logsumexp`). Ranking and top-k add the bias to
+(`biased_cross_entropy`: up to `ops.linear_cross_entropy.ROWS_MAX_ITEMS` items the bias goes into
+the logits inside that op's fused "rows" pass, `sparse_biased_cross_entropy`, one pass as without
+it; above, this correction of a chunked, differentiable lse_i, `row_logsumexp`). Ranking and top-k add the bias to
 row chunks of the scores within the same memory budget (`metrics.biased_ranks`, `metrics.biased_topk`).
 `biased_cross_entropy_ref` and `metrics.dense_biased_scores` are the dense formulas the tests hold them to.
 """
@@ -30,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..metrics import biased_ranks, biased_topk, check_session_terms, dense_biased_scores
-from ..ops.linear_cross_entropy import row_logsumexp
+from ..ops.linear_cross_entropy import row_logsumexp, sparse_biased_cross_entropy
 
 __all__ = ["RECENCY_BUCKETS", "session_items", "RepeatBias", "biased_cross_entropy", "biased_cross_entropy_ref",
            "dense_biased_scores", "biased_ranks", "biased_topk"]
@@ -107,6 +109,9 @@ def biased_cross_entropy(q: torch.Tensor, table: torch.Tensor, targets: torch.Te
     without the (batch, M) logits. targets (batch,) in 0..M-1 (item id - 1); ids (batch, U)
     distinct item ids per row, 0 = padding; bias (batch, U)."""
     check_session_terms(q, table, ids, bias)
+    fused = sparse_biased_cross_entropy(q, table, targets, ids, bias, chunk_size)
+    if fused is not None:  # catalogues up to ROWS_MAX_ITEMS: the bias added inside the fused pass
+        return fused
     valid = ids > 0
     lse = row_logsumexp(q, table, chunk_size)  # (B,)
     s = _session_scores(q, table, ids)

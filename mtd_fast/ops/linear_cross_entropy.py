@@ -55,7 +55,7 @@ from .common import triton_devices, triton_usable
 from .dispatch import register, resolve
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_ref", "linear_cross_entropy_chunked", "check_inputs",
-           "row_logsumexp",
+           "row_logsumexp", "sparse_biased_cross_entropy",
            "plan_chunks", "ROWS_BUDGET_BYTES", "ITEMS_BUDGET_BYTES", "ROWS_MAX_ITEMS"]
 
 # Working buffer when chunk_size is None, per strategy. Measured at 43k items, batch 512,
@@ -187,14 +187,18 @@ def _chunk_ranges(sorted_targets: torch.Tensor, starts: list[int], stops: list[i
 # --------------------------------------------------------------------------------------------
 class _RowsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, table, targets, rows):
+    def forward(ctx, q, table, targets, rows, ids=None, bias=None):
+        """With `ids` (batch, U) distinct item rows + 1 per row (0 = none) and `bias` (batch, U):
+        the logits of those items get the bias before the softmax (`sparse_biased_cross_entropy`)."""
         need_dq, need_dt = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_db = bias is not None and ctx.needs_input_grad[5]
         b, m = q.shape[0], table.shape[0]
         wdt = _work_dtype(q.dtype)
         buf = torch.empty((min(rows, b), m), dtype=wdt, device=q.device)
         losses = torch.empty(b, dtype=wdt, device=q.device)
         dq = torch.empty_like(q) if need_dq else None
         dt = torch.zeros_like(table) if need_dt else None
+        db = torch.zeros_like(bias) if need_db else None
         ar = torch.arange(min(rows, b), device=q.device)
         scale = 1.0 / b  # the mean; the upstream gradient is applied in backward
         table_t = table.t()
@@ -203,14 +207,20 @@ class _RowsFunction(torch.autograd.Function):
             n = r1 - r0
             qs, tt, logits = q[r0:r1], targets[r0:r1], buf[:n]
             _logits_into(logits, qs, table_t)
+            if bias is not None:  # the sparse bias, before anything reads the logits
+                valid = ids[r0:r1] > 0
+                rr, cc = ar[:n, None].expand_as(valid)[valid], ids[r0:r1][valid] - 1
+                logits.index_put_((rr, cc), bias[r0:r1][valid].to(wdt), accumulate=True)
             xt = logits[ar[:n], tt]  # target logits, before the in-place softmax
             mx = logits.amax(1, keepdim=True)
             logits.sub_(mx).exp_()
             s = logits.sum(1, keepdim=True)
             torch.sub((mx + s.log()).squeeze(1), xt, out=losses[r0:r1])  # lse - x_t
-            if need_dq or need_dt:
+            if need_dq or need_dt or need_db:
                 g = logits.mul_(scale / s)  # softmax / batch
                 g[ar[:n], tt] -= scale
+                if need_db:  # d loss / d bias_ij is the gradient at its logit
+                    db[r0:r1][valid] = g[rr, cc].to(db.dtype)
                 g = g.to(q.dtype)
                 if need_dq:
                     _logits_into(dq[r0:r1], g, table)
@@ -218,15 +228,16 @@ class _RowsFunction(torch.autograd.Function):
                     dt.addmm_(g.t(), qs)
         # saved, not kept on ctx: autograd releases saved tensors right after this node's
         # backward, so AccumulateGrad can take dT over without a copy (400 MB at 1M items)
-        ctx.save_for_backward(dq, dt)
+        ctx.save_for_backward(dq, dt, db)
         return losses.sum().mul_(scale).to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        dq, dt = ctx.saved_tensors
-        if grad.device.type == "cpu" and float(grad) == 1.0:  # the usual case: the loss itself
-            return dq, dt, None, None
-        return (None if dq is None else dq * grad), (None if dt is None else dt * grad), None, None
+        grads = ctx.saved_tensors
+        if not (grad.device.type == "cpu" and float(grad) == 1.0):  # else the usual case: the loss itself
+            grads = [None if x is None else x * grad for x in grads]
+        dq, dt, db = grads
+        return dq, dt, None, None, None, db
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,6 +372,20 @@ class _RowLse(torch.autograd.Function):
             if need_dt:
                 torch.mm(p.t(), q, out=dt[c0:c1])
         return dq, dt, None
+
+
+def sparse_biased_cross_entropy(q: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor,
+                                ids: torch.Tensor, bias: torch.Tensor,
+                                chunk_size: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Mean cross-entropy of q @ item_table.T with `bias` (batch, U) added at (row, ids - 1)
+    (ids: distinct item ids per row, 0 = padding), in the "rows" strategy's single pass; None
+    when the plan is "items" (large catalogues: `models.repeat.biased_cross_entropy` then
+    corrects a per-row log-sum-exp instead)."""
+    elem = torch.empty((), dtype=_work_dtype(q.dtype)).element_size()
+    strategy, n = plan_chunks(q.shape[0], item_table.shape[0], chunk_size, elem)
+    if strategy != "rows":
+        return None
+    return _RowsFunction.apply(q, item_table, targets.long(), n, ids, bias)
 
 
 def row_logsumexp(q: torch.Tensor, item_table: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
