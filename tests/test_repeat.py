@@ -162,3 +162,24 @@ def test_save_and_load_keep_the_repeat_bias(tmp_path):
     assert back.config.repeat_bias and torch.equal(back.repeat.recency, res.model.repeat.recency)
     sessions = [[1, 2, 1], [5, 6]]
     assert torch.equal(back.recommend(sessions, k=10), res.model.recommend(sessions, k=10))
+
+
+def test_the_reference_backend_takes_the_dense_biased_loss(monkeypatch):
+    from mtd_fast.models import base
+
+    batch = {"items": torch.tensor([[1, 2, 1], [3, 0, 0]]), "lengths": torch.tensor([3, 1])}
+    targets = torch.tensor([2, 5])
+    losses = {}
+    for backend in ("reference", None):
+        torch.manual_seed(0)
+        net = MTD(20, MTDConfig(hidden_size=8, repeat_bias=True), backend=backend)
+        with torch.no_grad():
+            net.repeat.offset.fill_(1.5)
+        losses[backend] = net.loss(batch, targets).item()
+        called = []
+        real = base.biased_cross_entropy_ref
+        monkeypatch.setattr(base, "biased_cross_entropy_ref", lambda *a: called.append(1) or real(*a))
+        net.loss(batch, targets)
+        monkeypatch.undo()
+        assert called == ([1] if backend == "reference" else [])
+    assert losses["reference"] == pytest.approx(losses[None], rel=1e-5)

@@ -28,7 +28,7 @@ from .. import ops
 from ..config import MTDConfig
 from ..data.store import DataError, Sessions, pad_batch
 from ..metrics import topk_from_parts, topk_from_scores
-from .repeat import biased_cross_entropy, biased_topk, dense_biased_scores
+from .repeat import biased_cross_entropy, biased_cross_entropy_ref, biased_topk, dense_biased_scores
 
 SparseTerm = tuple[torch.Tensor, torch.Tensor]  # (ids (B, U), bias (B, U)): `score_terms`
 
@@ -127,9 +127,12 @@ class SessionModel(nn.Module):
 
     def terms_loss(self, q: torch.Tensor, table: torch.Tensor, extra, targets: torch.Tensor) -> torch.Tensor:
         """`parts_loss`, or with a sparse term (`score_terms`) the exact cross-entropy of the
-        biased scores (`models.repeat.biased_cross_entropy`)."""
+        biased scores (`models.repeat.biased_cross_entropy`; its dense formula where the
+        model's backend spec picks the reference `linear_cross_entropy`)."""
         if extra is None:
             return self.parts_loss(q, table, targets)
+        if ops.describe("linear_cross_entropy", self.backend, q.device) == "reference":
+            return biased_cross_entropy_ref(q, table, targets.long() - 1, *extra)
         return biased_cross_entropy(q, table, targets.long() - 1, *extra)
 
     def parts_loss(self, q: torch.Tensor, table: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
