@@ -25,6 +25,9 @@ How the graph side reaches the recommender is `graph_mode` (README "Graph integr
 `score_norm=True` (the default) scores by `score_scale * cos(q, T_j)` (NISER); False by the
 paper's `q . T_j`. The defaults (residual + cosine) were chosen on validation data:
 README "Graph integration", benches/figures/graph_modes.md.
+`repeat_bias=True` (off by default; not in the paper) adds a learned bias to the scores of
+the session's own items, RepeatNet's repeat mode as an additive term (models/repeat.py,
+README "Re-clicks").
 
 The hot ops go through `mtd_fast.ops` (session attention, aggregation, SpMM) so every
 backend computes the same function; dropout masks are drawn here, outside any kernel.
