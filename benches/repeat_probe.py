@@ -28,7 +28,7 @@ from mtd_fast import ops
 from mtd_fast.config import MTDConfig, TrainConfig
 from mtd_fast.experiments.paired import repeat_mask
 from mtd_fast.experiments.ranks import metrics_from_ranks
-from mtd_fast.models.repeat import RepeatBias, biased_ranks, session_items
+from mtd_fast.models.repeat import RepeatBias, biased_ranks, corrected_cross_entropy, session_items, session_scores
 from mtd_fast.ops.linear_cross_entropy import row_logsumexp
 from mtd_fast.rundir import BEST, RUN_FILE
 
@@ -51,7 +51,7 @@ def frozen_terms(net, samples, batch_size: int = 512) -> dict:
             t = torch.from_numpy(samples.targets[idx].astype(np.int64))
             for k, v in (("q", q), ("lse", row_logsumexp(q, table)), ("target", (q * table[t - 1]).sum(1)),
                          ("ids", ids), ("rec", rec), ("cnt", cnt),
-                         ("s", torch.einsum("bd,bud->bu", q, table[(ids - 1).clamp_min(0)]))):
+                         ("s", session_scores(q, table, ids))):
                 parts[k].append(v)
     width = max(x.shape[1] for x in parts["ids"])
     out = {k: torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) if x.dim() == 2 and k != "q" else x
@@ -62,12 +62,8 @@ def frozen_terms(net, samples, batch_size: int = 512) -> dict:
 
 def frozen_loss(f: dict, sel: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """`biased_cross_entropy` of the frozen model on the samples `sel`, from the stored terms."""
-    ids, lse, s = f["ids"][sel], f["lse"][sel], f["s"][sel]
-    valid = ids > 0
-    p = torch.where(valid, torch.exp(s - lse[:, None]), torch.zeros_like(s))
-    lse_b = lse + torch.log1p((p * torch.expm1(bias)).sum(1).clamp_min(-1.0 + 1e-7))
-    hit = valid & (ids == f["targets"][sel][:, None])
-    return (lse_b - f["target"][sel] - (bias * hit).sum(1)).mean()
+    return corrected_cross_entropy(f["lse"][sel], f["s"][sel], f["target"][sel], f["targets"][sel] - 1,
+                                   f["ids"][sel], bias)
 
 
 @torch.no_grad()

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from ..metrics import biased_ranks, biased_topk, check_session_terms, dense_biased_scores
 from ..ops.linear_cross_entropy import row_logsumexp, sparse_biased_cross_entropy
 
-__all__ = ["RECENCY_BUCKETS", "session_items", "RepeatBias", "biased_cross_entropy", "biased_cross_entropy_ref",
+__all__ = ["RECENCY_BUCKETS", "session_items", "session_scores", "RepeatBias", "biased_cross_entropy",
+           "corrected_cross_entropy", "biased_cross_entropy_ref",
            "dense_biased_scores", "biased_ranks", "biased_topk"]
 
 RECENCY_BUCKETS = 10  # clicks since the item's last click: 0 (the last click), 1, ..., 9 and more
@@ -98,9 +99,23 @@ class RepeatBias(nn.Module):
         return torch.where(ids > 0, b, torch.zeros_like(b))
 
 
-def _session_scores(q: torch.Tensor, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def session_scores(q: torch.Tensor, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """s_ij = q_i . table[ids_ij - 1] (B, U); padding columns read row 0 (masked by callers)."""
     return torch.einsum("bd,bud->bu", q, table[(ids - 1).clamp_min(0)])
+
+
+def corrected_cross_entropy(lse: torch.Tensor, s: torch.Tensor, target: torch.Tensor, targets: torch.Tensor,
+                            ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Mean biased cross-entropy from the unbiased terms: lse (B,) over the catalogue, s (B, U)
+    the session items' scores (`session_scores`), target (B,) the target's score; targets
+    (B,) in 0..M-1, ids (B, U) distinct item ids (0 = padding), bias (B, U)."""
+    valid = ids > 0
+    p = torch.where(valid, torch.exp(s - lse[:, None]), torch.zeros_like(s))
+    shift = (p * torch.expm1(bias)).sum(1)
+    # shift > -sum(p) >= -1; the clamp only guards rounding when the session holds all the mass
+    lse_b = lse + torch.log1p(shift.clamp_min(-1.0 + torch.finfo(lse.dtype).eps))
+    hit = valid & (ids == (targets.long() + 1)[:, None])
+    return (lse_b - target - (bias * hit).sum(1)).mean()
 
 
 def biased_cross_entropy(q: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor,
@@ -112,16 +127,9 @@ def biased_cross_entropy(q: torch.Tensor, table: torch.Tensor, targets: torch.Te
     fused = sparse_biased_cross_entropy(q, table, targets, ids, bias, chunk_size)
     if fused is not None:  # catalogues up to ROWS_MAX_ITEMS: the bias added inside the fused pass
         return fused
-    valid = ids > 0
-    lse = row_logsumexp(q, table, chunk_size)  # (B,)
-    s = _session_scores(q, table, ids)
-    p = torch.where(valid, torch.exp(s - lse[:, None]), torch.zeros_like(s))
-    shift = (p * torch.expm1(bias)).sum(1)
-    # shift > -sum(p) >= -1; the clamp only guards rounding when the session holds all the mass
-    lse_b = lse + torch.log1p(shift.clamp_min(-1.0 + torch.finfo(q.dtype).eps))
-    t = targets.long()
-    target = (q * table[t]).sum(1) + (bias * (valid & (ids == (t + 1)[:, None]))).sum(1)
-    return (lse_b - target).mean()
+    target = (q * table[targets.long()]).sum(1)
+    return corrected_cross_entropy(row_logsumexp(q, table, chunk_size), session_scores(q, table, ids), target,
+                                   targets, ids, bias)
 
 
 def biased_cross_entropy_ref(q: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor,
