@@ -26,7 +26,10 @@ checked for correctness before it is timed:
    other processes' load).
 3. evaluation: ranks of a batch of 1024 (the trainer's eval batch): `full`
    (`ranks_from_scores(q @ T.T)`) against `chunked` (`ranks_from_parts`), equal integer
-   for integer first; samples per second.
+   for integer first; samples per second. With a term on 10 session items a row
+   (`MTDConfig.repeat_bias`): `biased-chunked` (`biased_ranks`, equal to the full biased
+   matrix's ranks first) against `biased-rows` (the dense row chunks used before; its
+   mismatches with the full matrix are counted, not asserted).
 4. recommend: top-20 for batches of 1, 64, 512 at 43k and 1M items: `today` (`(q @ T.T).topk`,
    the previous code), `chunked` (`topk_from_parts`, equal to `topk_from_scores` of the full
    scores, checked first); plus `MTD.recommend` end to end at 43k items, batch 512.
@@ -55,7 +58,15 @@ from typing import Callable
 
 import torch
 
-from mtd_fast.metrics import ranks_from_parts, ranks_from_scores, topk_from_parts, topk_from_scores
+from mtd_fast.metrics import (
+    RANK_BUDGET_BYTES,
+    biased_ranks,
+    dense_biased_scores,
+    ranks_from_parts,
+    ranks_from_scores,
+    topk_from_parts,
+    topk_from_scores,
+)
 from mtd_fast.ops import describe, linear_cross_entropy
 from mtd_fast.ops.linear_cross_entropy import linear_cross_entropy_chunked, linear_cross_entropy_ref, plan_chunks
 
@@ -346,6 +357,41 @@ def test_eval_throughput(benchmark, name, m):
                                       "cpu1_s": cpu1, "samples_per_s_cpu1": EVAL_BATCH / cpu1 if cpu1 else None}
 
 
+def _rows_biased_ranks(q, table, y, ids, bias):
+    """The previous code for a model with a session term (`MTDConfig.repeat_bias`): the dense
+    biased scores of row chunks of RANK_BUDGET_BYTES each (2 rows a chunk at 1M items)."""
+    rows = max(1, RANK_BUDGET_BYTES // (4 * table.shape[0]))
+    return torch.cat([ranks_from_scores(dense_biased_scores(q[r:r + rows], table, ids[r:r + rows], bias[r:r + rows]),
+                                        y[r:r + rows]) for r in range(0, q.shape[0], rows)])
+
+
+@pytest.mark.parametrize("m", EVAL_SIZES)
+@pytest.mark.parametrize("name", ["biased-rows", "biased-chunked"])
+def test_eval_throughput_biased(benchmark, name, m):
+    """Ranking with a term on 10 session items a row (`biased_ranks`: column chunks, each
+    with the session items among its columns) against the previous row chunks; the chunked
+    ranks must equal the full biased matrix's, bit for bit; the row chunks' mismatches are
+    counted (their 2-row GEMMs round differently from the full product's)."""
+    benchmark.group = f"ranking a batch of {EVAL_BATCH} with a session term, M={m:,}"
+    _, table, _ = inputs(m)
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(EVAL_BATCH, DIM, generator=gen).to(DEVICE)
+    ids = torch.randint(0, m + 1, (EVAL_BATCH, 10), generator=gen).to(DEVICE)
+    bias = torch.randn(EVAL_BATCH, 10, generator=gen).to(DEVICE)
+    y = torch.randint(1, m + 1, (EVAL_BATCH,), generator=gen).to(DEVICE)
+    y[::2] = ids[::2, 0].clamp_min(1)  # half the targets are re-clicks
+    fn = {"biased-rows": lambda: _rows_biased_ranks(q, table, y, ids, bias),
+          "biased-chunked": lambda: biased_ranks(q, table, y, ids, bias)}[name]
+    want = ranks_from_scores(dense_biased_scores(q, table, ids, bias), y)
+    mismatches = int((fn() != want).sum())
+    if name == "biased-chunked":
+        assert mismatches == 0, "chunked biased ranks differ from the full biased matrix's"
+    median = _timed(benchmark, fn, _rounds(m))
+    RESULTS["eval"][f"{name}/{m}"] = {"median_s": median, "samples_per_s": EVAL_BATCH / median,
+                                      "cpu1_s": _cpu1(fn, 2 if SMOKE else 3), "samples_per_s_cpu1": None,
+                                      "mismatches_vs_full": mismatches}
+
+
 # -------------------------------------------------------------------------- 4. recommend
 REC_SIZES = tuple(m for m in SIZES if m <= 1_000_000)
 REC_BATCHES = (1, 8) if SMOKE else (1, 64, 512)
@@ -425,8 +471,9 @@ def test_zz_report(capsys):
                      f"1 thread {r['cpu1_ms']}")
     lines.append("evaluation (ranking a batch): median ms, samples/s | 1 thread CPU ms")
     for key, v in sorted(RESULTS["eval"].items()):
-        lines.append(f"  eval {key:18s} {_fmt_ms(v['median_s']):>10} ms  {v['samples_per_s']:10,.0f} samples/s | "
-                     f"{_fmt_ms(v['cpu1_s'])} ms")
+        mism = f" | {v['mismatches_vs_full']} ranks differ from the full matrix's" if "mismatches_vs_full" in v else ""
+        lines.append(f"  eval {key:24s} {_fmt_ms(v['median_s']):>10} ms  {v['samples_per_s']:10,.0f} samples/s | "
+                     f"{_fmt_ms(v['cpu1_s'])} ms{mism}")
     lines.append("recommend (top-20): median ms | 1 thread CPU ms")
     for key, v in sorted(RESULTS["recommend"].items()):
         lines.append(f"  recommend {key:26s} {_fmt_ms(v['median_s']):>10} ms | {_fmt_ms(v.get('cpu1_s'))} ms")

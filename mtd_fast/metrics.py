@@ -79,7 +79,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def ranks_from_parts(q: torch.Tensor, table: torch.Tensor, targets: torch.Tensor,
-                     chunk_size: Optional[int] = None) -> torch.Tensor:
+                     chunk_size: Optional[int] = None, session: Optional[tuple] = None) -> torch.Tensor:
     """`ranks_from_scores(q @ table.T, targets)` without the (batch, M) scores.
 
     q (batch, dim), table (M, dim), targets (batch,) ids in 1..M; chunk_size: score columns
@@ -88,6 +88,11 @@ def ranks_from_parts(q: torch.Tensor, table: torch.Tensor, targets: torch.Tensor
     GEMM and checked against the pass's exact value when the pass reaches it; rows where
     the two differ in any bit (none seen for batches >= 2) are counted again in a second
     pass with the exact value.
+
+    session: optional (ids, bias), both (batch, U): a sparse term added to the scores of
+    each row's session items (ids 1..M, 0 = padding), as `dense_biased_scores` adds it;
+    each chunk gets the entries that fall in its columns, so the ranks are those of the
+    biased scores, still without a (batch, M) tensor.
     """
     _check_parts(q, table)
     b, m = q.shape[0], table.shape[0]
@@ -96,19 +101,47 @@ def ranks_from_parts(q: torch.Tensor, table: torch.Tensor, targets: torch.Tensor
         return torch.zeros(0, dtype=torch.long, device=q.device)
     if q.device.type == "cpu" and (int(col.min()) < 0 or int(col.max()) >= m):
         raise ValueError(f"targets must be item ids in 1..{m}, got {int(col.min()) + 1}..{int(col.max()) + 1}")
+    entries = _session_entries(q, table, session)
     cols = _chunk_cols(b, m, chunk_size, RANK_BUDGET_BYTES)
     s_t = _target_scores(q, table, col)
+    if session is not None:  # an estimate like the unbiased one: checked against the pass
+        ids, bias = session
+        s_t = s_t + torch.where(ids == targets[:, None], bias.to(s_t.dtype), 0).sum(1)
     exact = s_t.clone()
-    greater, ties = _count_pass(q, table, col, s_t, cols, exact)
+    greater, ties = _count_pass(q, table, col, s_t, cols, exact, entries)
     redo = ~_same(exact, s_t)
     if bool(redo.any()):
-        g2, t2 = _count_pass(q, table, col, exact, cols, None)
+        g2, t2 = _count_pass(q, table, col, exact, cols, None, entries)
         greater = torch.where(redo, g2, greater)
         ties = torch.where(redo, t2, ties)
     return (1 + greater + ties).clamp_max(m)
 
 
-def _count_pass(q, table, col, s_t, cols, exact_out):
+def _session_entries(q: torch.Tensor, table: torch.Tensor, session: Optional[tuple]):
+    """The sparse term of `session` = (ids, bias) as (rows, columns, values) sorted by column
+    (stably: entries of one (row, item) keep their order), or None."""
+    if session is None:
+        return None
+    ids, bias = session
+    check_session_terms(q, table, ids, bias)
+    rows, pos = (ids > 0).nonzero(as_tuple=True)
+    cols = ids[rows, pos].long() - 1
+    cols, order = torch.sort(cols, stable=True)
+    return rows[order], cols, bias[rows, pos][order].to(q.dtype)
+
+
+def _mm_chunk(q, table, c0, c1, buf, entries):
+    """Scores of columns c0..c1-1 into buf, with the session entries of those columns added."""
+    sc = torch.mm(q, table[c0:c1].t(), out=buf[:, :c1 - c0])
+    if entries is not None:
+        rows, cols, vals = entries
+        lo, hi = torch.searchsorted(cols, torch.tensor([c0, c1], device=cols.device)).tolist()
+        if hi > lo:
+            sc.index_put_((rows[lo:hi], cols[lo:hi] - c0), vals[lo:hi], accumulate=True)
+    return sc
+
+
+def _count_pass(q, table, col, s_t, cols, exact_out, entries=None):
     """Per row: #(score > s_t or NaN), #(score == s_t and id < target). With `exact_out`,
     also writes each target's score as the pass computes it."""
     b, m = q.shape[0], table.shape[0]
@@ -118,7 +151,7 @@ def _count_pass(q, table, col, s_t, cols, exact_out):
     st = s_t[:, None]
     for c0 in range(0, m, cols):
         c1 = min(m, c0 + cols)
-        sc = torch.mm(q, table[c0:c1].t(), out=buf[:, :c1 - c0])
+        sc = _mm_chunk(q, table, c0, c1, buf, entries)
         # counts summed in int32 (a chunk has < 2**31 columns): a bool sum defaults to int64,
         # a cast of the whole chunk that took longer than the comparison itself
         greater += (c1 - c0) - (sc <= st).sum(1, dtype=torch.int32)  # NaN scores are not <= anything: above
@@ -154,10 +187,13 @@ def topk_from_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
     return _topk_sorted(scores, k, 0)[1]
 
 
-def topk_from_parts(q: torch.Tensor, table: torch.Tensor, k: int, chunk_size: Optional[int] = None) -> torch.Tensor:
+def topk_from_parts(q: torch.Tensor, table: torch.Tensor, k: int, chunk_size: Optional[int] = None,
+                    session: Optional[tuple] = None) -> torch.Tensor:
     """`topk_from_scores(q @ table.T, k)` without the (batch, M) scores: a running top-k
-    merged across chunks of columns. Returns int64 column indices (batch, k)."""
+    merged across chunks of columns. Returns int64 column indices (batch, k). session:
+    optional (ids, bias) added to the session items' scores (`ranks_from_parts`)."""
     _check_parts(q, table)
+    entries = _session_entries(q, table, session)
     b, m = q.shape[0], table.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= m:
         raise ValueError(f"k={k!r} must be an int in [1, M={m}]")
@@ -166,7 +202,7 @@ def topk_from_parts(q: torch.Tensor, table: torch.Tensor, k: int, chunk_size: Op
     best_v = best_i = None
     for c0 in range(0, m, cols):
         c1 = min(m, c0 + cols)
-        sc = torch.mm(q, table[c0:c1].t(), out=buf[:, :c1 - c0])
+        sc = _mm_chunk(q, table, c0, c1, buf, entries)
         v, i = _topk_sorted(sc, k, c0)
         if best_v is None:
             best_v, best_i = v, i
@@ -305,26 +341,15 @@ def dense_biased_scores(q: torch.Tensor, table: torch.Tensor, ids: torch.Tensor,
     return scores.index_put((rows[valid], ids[valid] - 1), bias[valid].to(scores.dtype), accumulate=True)
 
 
-def _row_chunks(batch: int, n_items: int, budget: int, chunk_size: Optional[int]):
-    rows = chunk_size if chunk_size is not None else max(1, budget // (4 * max(1, n_items)))
-    for r0 in range(0, batch, rows):
-        yield slice(r0, min(batch, r0 + rows))
-
-
 def biased_ranks(q: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor,
                  chunk_size: Optional[int] = None) -> torch.Tensor:
-    """`ranks_from_scores(dense_biased_scores(...), targets)` (targets are item ids 1..M),
-    `chunk_size` rows at a time (None: RANK_BUDGET_BYTES of scores)."""
-    check_session_terms(q, table, ids, bias)
-    out = [ranks_from_scores(dense_biased_scores(q[r], table, ids[r], bias[r]), targets[r])
-           for r in _row_chunks(q.shape[0], table.shape[0], RANK_BUDGET_BYTES, chunk_size)]
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=q.device)
+    """`ranks_from_scores(dense_biased_scores(...), targets)` (targets are item ids 1..M) in
+    chunks of `chunk_size` columns (None: RANK_BUDGET_BYTES of scores): `ranks_from_parts`
+    with the session term."""
+    return ranks_from_parts(q, table, targets, chunk_size, session=(ids, bias))
 
 
 def biased_topk(q: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor, k: int,
                 chunk_size: Optional[int] = None) -> torch.Tensor:
-    """`topk_from_scores(dense_biased_scores(...), k)`, `chunk_size` rows at a time."""
-    check_session_terms(q, table, ids, bias)
-    out = [topk_from_scores(dense_biased_scores(q[r], table, ids[r], bias[r]), k)
-           for r in _row_chunks(q.shape[0], table.shape[0], TOPK_BUDGET_BYTES, chunk_size)]
-    return torch.cat(out) if out else torch.zeros((0, k), dtype=torch.long, device=q.device)
+    """`topk_from_scores(dense_biased_scores(...), k)` in chunks of `chunk_size` columns."""
+    return topk_from_parts(q, table, k, chunk_size, session=(ids, bias))

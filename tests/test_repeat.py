@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _memcheck import largest_tensor
 
 import mtd_fast
 from mtd_fast import MTD, MTDConfig
@@ -95,18 +96,46 @@ def test_biased_cross_entropy_in_float32_matches_the_dense_formula():
         rp.biased_cross_entropy_ref(q * 4, table, targets, ids, bias).item(), rel=1e-5)
 
 
-def test_biased_ranks_and_topk_are_the_dense_ones_in_any_row_chunking():
+def test_biased_ranks_and_topk_are_the_dense_ones_in_any_column_chunking():
     q, table, ids, bias, targets = _case()
     q, table = q.round(), table.round()  # integer scores: many ties, broken by the smaller id
     bias = bias.round()
     dense = rp.dense_biased_scores(q, table, ids, bias)
     assert dense[0, 4] == (q[0] @ table[4]) + bias[0, 1] and dense[3].equal(q[3] @ table.t())
     want_r, want_k = ranks_from_scores(dense, targets + 1), topk_from_scores(dense, 10)
-    for chunk in (1, 4, None):
-        assert rp.biased_ranks(q, table, targets + 1, ids, bias, chunk).equal(want_r)
-        assert rp.biased_topk(q, table, ids, bias, 10, chunk).equal(want_k)
+    # one column a chunk, chunks that split a session's items, one chunk
+    for chunk in (1, 4, 7, None):
+        assert rp.biased_ranks(q, table, targets + 1, ids, bias, chunk).equal(want_r), chunk
+        assert rp.biased_topk(q, table, ids, bias, 10, chunk).equal(want_k), chunk
     with pytest.raises(ValueError, match="session ids"):
         rp.biased_ranks(q, table, targets + 1, ids + 40, bias)
+    with pytest.raises(ValueError, match="session ids"):
+        rp.biased_topk(q, table, ids + 40, bias, 10)
+
+
+@pytest.mark.parametrize("b", [2, 64, 300])
+def test_biased_ranks_fp32_bit_for_bit_with_repeated_ids_and_no_batch_by_items_tensor(b):
+    # real-valued fp32 scores; every row holds its target among its session items in some
+    # rows, and one item twice (the two terms add up, in order, as in dense_biased_scores)
+    g = torch.Generator().manual_seed(b)
+    m, d, u = 5003, 32, 6
+    q, table = torch.randn(b, d, generator=g), torch.randn(m, d, generator=g) * 0.1
+    ids = torch.randint(0, m + 1, (b, u), generator=g)
+    ids[:, 1] = ids[:, 0]
+    ids[0, :] = 0
+    bias = torch.randn(b, u, generator=g)
+    targets = torch.randint(1, m + 1, (b,), generator=g)
+    targets[1::2] = ids[1::2, 2].clamp_min(1)
+    dense = rp.dense_biased_scores(q, table, ids, bias)
+    want_r, want_k = ranks_from_scores(dense, targets), topk_from_scores(dense, 20)
+    assert (want_r != ranks_from_scores(q @ table.t(), targets)).any()  # the term changes ranks
+    for chunk in (1000, 4096, None):
+        assert rp.biased_ranks(q, table, targets, ids, bias, chunk).equal(want_r), chunk
+        assert rp.biased_topk(q, table, ids, bias, 20, chunk).equal(want_k), chunk
+    for fn in (lambda: rp.biased_ranks(q, table, targets, ids, bias, 500),
+               lambda: rp.biased_topk(q, table, ids, bias, 20, 500)):
+        n, op, shape = largest_tensor(fn)
+        assert n <= max(b * 500, m * d), f"{op} made a {shape} tensor"
 
 
 def _alternating(n, seed):

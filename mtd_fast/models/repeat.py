@@ -19,8 +19,9 @@ and is exact without the (batch, M) logits:
 
 (`biased_cross_entropy`: up to `ops.linear_cross_entropy.ROWS_MAX_ITEMS` items the bias goes into
 the logits inside that op's fused "rows" pass, `sparse_biased_cross_entropy`, one pass as without
-it; above, this correction of a chunked, differentiable lse_i, `row_logsumexp`). Ranking and top-k add the bias to
-row chunks of the scores within the same memory budget (`metrics.biased_ranks`, `metrics.biased_topk`).
+it; above, this correction of a chunked, differentiable lse_i, `row_logsumexp`). Ranking and top-k walk
+the catalogue in column chunks as without it, each chunk's scores getting the entries of the session items in
+its columns (`metrics.biased_ranks`, `metrics.biased_topk`).
 `biased_cross_entropy_ref` and `metrics.dense_biased_scores` are the dense formulas the tests hold them to.
 """
 from __future__ import annotations
