@@ -74,7 +74,6 @@ Deliberate deviations (and decisions):
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import numpy as np
@@ -84,7 +83,7 @@ from torch import nn
 
 from ..config import MTDConfig
 from .base import Batch, SessionModel
-from .layers import FifoMemory, rnn_batch, run_gru, segment_softmax, segment_sum
+from .layers import FifoMemory, rnn_batch, run_gru, segment_softmax, segment_sum, uniform_init_
 
 __all__ = ["CSRM"]
 
@@ -112,11 +111,7 @@ class CSRM(SessionModel):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.config.hidden_size)
-        for p in self.parameters():
-            nn.init.uniform_(p, -bound, bound)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
+        uniform_init_(self, self.item_emb, self.config.hidden_size)
 
     def prepare_batch(self, items: np.ndarray, lengths: np.ndarray) -> Batch:
         return rnn_batch(self, items, lengths)

@@ -128,6 +128,16 @@ class SelfAttentionBlock(nn.Module):
         return packing.unpack(out) if dense_in else out
 
 
+def uniform_init_(model: nn.Module, item_emb: nn.Embedding, d: int) -> None:
+    """Every parameter of `model` ~ U(-1/sqrt(d), 1/sqrt(d)) in registration order, then the
+    padding row of `item_emb` zeroed: the reference initialization of SR-GNN and CSRM."""
+    bound = 1.0 / math.sqrt(d)
+    for p in model.parameters():
+        nn.init.uniform_(p, -bound, bound)
+    with torch.no_grad():
+        item_emb.weight[0].zero_()
+
+
 def init_attention_encoder(item_emb: nn.Embedding, pos_emb: nn.Embedding, blocks, d: int) -> None:
     """The spec's initialisation of an embedding + self-attention encoder: E, P, Wq, Wk, Wv
     ~ U(-1/sqrt(d), 1/sqrt(d)) with padding rows zero; FFN weights Glorot-uniform, biases 0

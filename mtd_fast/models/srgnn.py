@@ -46,7 +46,6 @@ Deliberate deviations (and decisions):
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -57,7 +56,7 @@ from .. import ops
 from ..config import MTDConfig
 from ..ops.common import check_lengths
 from .base import Batch, SessionModel
-from .layers import segment_sum
+from .layers import segment_sum, uniform_init_
 
 __all__ = ["SRGNN", "GatedGNN"]
 
@@ -114,11 +113,7 @@ class SRGNN(SessionModel):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.config.hidden_size)
-        for p in self.parameters():
-            nn.init.uniform_(p, -bound, bound)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
+        uniform_init_(self, self.item_emb, self.config.hidden_size)
 
     # ---- batch ------------------------------------------------------------------------------
     def prepare_batch(self, items: np.ndarray, lengths: np.ndarray) -> Batch:
