@@ -277,6 +277,25 @@ void run_checked(const std::string& op, const SpmmArgs& a, const Csr& c) {
   }
 }
 
+// The kernel's arguments for the checked CSR `c` times x (n_cols rows) into out.
+SpmmArgs spmm_args(const Csr& c, const void* vals, const py::array& x, py::array& out, int64_t n_cols, bool f64,
+                   int num_threads) {
+  SpmmArgs a;
+  a.indptr = c.indptr;
+  a.indptr_i64 = c.p64;
+  a.indices = c.indices;
+  a.indices_i64 = c.i64;
+  a.values = vals;
+  a.x = x.data();
+  a.out = out.mutable_data();
+  a.n_rows = c.n_rows;
+  a.n_cols = n_cols;
+  a.dim = x.shape(1);
+  a.f64 = f64;
+  a.num_threads = resolve_threads(num_threads);
+  return a;
+}
+
 py::object spmm_norm(const py::object& indptr_o, const py::object& indices_o, const py::object& values_o,
                      const py::object& degrees_o, const py::object& x_o, const py::object& out_o, const std::string& norm,
                      bool transposed, int num_threads) {
@@ -317,19 +336,7 @@ py::object spmm_norm(const py::object& indptr_o, const py::object& indices_o, co
   }
   py::array out = prepare_out(op, out_o, x, c.n_rows, values_o);
 
-  SpmmArgs a;
-  a.indptr = c.indptr;
-  a.indptr_i64 = c.p64;
-  a.indices = c.indices;
-  a.indices_i64 = c.i64;
-  a.values = vals;
-  a.x = x.data();
-  a.out = out.mutable_data();
-  a.n_rows = c.n_rows;
-  a.n_cols = c.n_rows;
-  a.dim = x.shape(1);
-  a.f64 = f64;
-  a.num_threads = resolve_threads(num_threads);
+  SpmmArgs a = spmm_args(c, vals, x, out, c.n_rows, f64, num_threads);
   if (norm != "none") {
     const void* s = f64 ? static_cast<const void*>(sd.data()) : static_cast<const void*>(sf.data());
     const bool sym = norm == "sym";
@@ -352,19 +359,7 @@ py::object csr_spmm(const py::object& indptr_o, const py::object& indices_o, con
   const bool f64 = check_x(op, x, x.shape(0));
   const void* vals = check_values(op, values_o, x, c.nnz);
   py::array out = prepare_out(op, out_o, x, c.n_rows, values_o);
-  SpmmArgs a;
-  a.indptr = c.indptr;
-  a.indptr_i64 = c.p64;
-  a.indices = c.indices;
-  a.indices_i64 = c.i64;
-  a.values = vals;
-  a.x = x.data();
-  a.out = out.mutable_data();
-  a.n_rows = c.n_rows;
-  a.n_cols = x.shape(0);
-  a.dim = x.shape(1);
-  a.f64 = f64;
-  a.num_threads = resolve_threads(num_threads);
+  SpmmArgs a = spmm_args(c, vals, x, out, x.shape(0), f64, num_threads);
   run_checked(op, a, c);
   return std::move(out);
 }
