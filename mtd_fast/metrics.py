@@ -16,6 +16,10 @@ not depend on how many columns are asked for; checked by tests/test_ranking.py f
 batches of 2 and more. One row is a matrix-vector product, whose bits already depend on
 how many threads split the catalogue: with 2 threads 1 of 43,097 scores differs in its
 last bit between the full product and its chunks, as it does between 1 and 2 threads).
+A model with a term on its session's items (`MTDConfig.repeat_bias`) is ranked the same
+way (`session=(ids, bias)`, `biased_ranks`, `biased_topk`): each chunk's scores get the
+entries whose items fall in its columns, as `dense_biased_scores` adds them to the full
+matrix.
 
 Top-k order (`topk_from_scores`, `recommend`): NaN items first (as `torch.topk` puts
 them), then score descending, ties by the smaller id, so position r of a recommendation
