@@ -21,7 +21,9 @@ under 5 minutes, most of it kernel compilation):
      the fp32 reference; flash-attention's rule);
    on batch 512, lengths up to 50 (and the odd shapes: length 1, 19, heads 4, d 64);
    linear_cross_entropy at batch 512, d 100, 43,097 items (and odd shapes), the same
-   rules with the dT / dq sums over up to 43k terms; and the chunked ranking / top-k on
+   rules with the dT / dq sums over up to 43k terms; the repeat bias's exact loss (fp32;
+   `models.repeat.biased_cross_entropy` with the Triton log-sum-exp and with the chunked
+   PyTorch path, against its dense formula); and the chunked ranking / top-k on
    CUDA tensors against the full-matrix ones (integer equality, recorded: cuBLAS may
    round a chunk's GEMM differently from the full one);
 2. timing of forward + backward (CUDA events, median of 50 after 10 warm-up calls), by the
@@ -33,7 +35,8 @@ under 5 minutes, most of it kernel compilation):
    cannot take one), and torch.compile of the reference (at L = 50 only: it recompiles per
    shape, dtype and mask); linear_cross_entropy at 43,097 and 1,000,000 items: triton,
    the chunked PyTorch backend and eager, with the peak CUDA memory of each step above
-   what was allocated before it (the same providers run one at a time under
+   what was allocated before it, and the same three for the repeat bias's loss, fp32
+   (`biased_timings`; the linear_cross_entropy providers also run one at a time under
    `pytest benches/bench_<op>.py` on a GPU);
 3. HOOK: the full MTD training step, backend "triton" (every op) vs "reference"
    (`time_mtd_training_step` below, clearly marked; skipped with the reason in the JSON when
@@ -72,7 +75,7 @@ from mtd_fast.ops.session_attention import session_attention_ref  # noqa: E402
 import bench_aggregate  # noqa: E402
 import bench_scoring  # noqa: E402
 import bench_session_attention  # noqa: E402
-from harness import compare_rows, cuda_ms, geometric_lengths  # noqa: E402
+from harness import add_ratios, compare_rows, cuda_ms, geometric_lengths, measure  # noqa: E402
 
 SMOKE = os.environ.get("MTD_GPU_CHECK_SMOKE") == "1"
 BATCH, DIM = (7, 16) if SMOKE else (512, 100)
@@ -217,6 +220,75 @@ def check_linear_cross_entropy(dev) -> list[dict]:
     return rows
 
 
+def session_terms(b: int, m: int, dev, seed: int, u: int = 10):
+    """A repeat bias's sparse term (`MTDConfig.repeat_bias`): ids (b, u) distinct item ids per
+    row (every other row padded with 0 after 7), bias (b, u) ~ N(0, 1), and targets (b,) in
+    0..m-1 that re-click a session item in every other row."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, m, (b, 1), generator=gen)
+    ids = (base + torch.arange(u) * max(1, m // u)) % m + 1
+    ids[1::2, 7:] = 0
+    bias = torch.randn(b, u, generator=gen)
+    y = torch.randint(0, m, (b,), generator=gen)
+    y[::2] = ids[::2, 3] - 1
+    return ids.to(dev), bias.to(dev), y.to(dev)
+
+
+def _biased_run(fn, q, table, bias, y, ids):
+    ins = [x.detach().clone().requires_grad_(True) for x in (q, table, bias)]
+    loss = fn(ins[0], ins[1], y, ids, ins[2])
+    loss.backward(torch.tensor(0.7, device=q.device, dtype=loss.dtype))
+    return [loss] + [x.grad for x in ins]
+
+
+def _biased_impls():
+    from mtd_fast.models.repeat import biased_cross_entropy, biased_cross_entropy_ref
+
+    return {"triton": lambda *a: biased_cross_entropy(*a, triton=True), "chunked": biased_cross_entropy,
+            "reference": biased_cross_entropy_ref}
+
+
+def check_biased_cross_entropy(dev) -> list[dict]:
+    """The repeat bias's exact loss (fp32): the Triton log-sum-exp corrected for the session
+    items (`biased_cross_entropy(..., triton=True)`, what MTD with `repeat_bias` trains with on
+    the Triton backend) and the chunked PyTorch path, against the dense formula."""
+    rows, impls = [], _biased_impls()
+    cases = ((BATCH, LCE_ITEMS[0], DIM), (13, 100_003, DIM)) if not SMOKE else ((BATCH, LCE_ITEMS[0], DIM),)
+    for b, m, d in cases:
+        q, table, _ = bench_scoring.make_inputs(b, m, d, 3 + b + m, dev)
+        ids, bias, y = session_terms(b, m, dev, b + m)
+        want = _biased_run(impls["reference"], q, table, bias, y, ids)
+        for name in ("triton", "chunked"):
+            rows += compare_rows(f"biased_cross_entropy B={b} M={m} d={d}" + (" chunked" if name == "chunked" else ""),
+                                 ("loss", "dq", "dT", "dbias"), _biased_run(impls[name], q, table, bias, y, ids), want)
+    return rows
+
+
+def biased_timings(dev) -> list[dict]:
+    """Forward + backward of the repeat bias's loss, fp32, at batch BATCH and the LCE sizes:
+    the Triton log-sum-exp corrected, the chunked PyTorch path (the bias inside the fused rows
+    pass up to 65,536 items) and the dense formula, with the peak CUDA memory of a step."""
+    rows = []
+    for m in LCE_ITEMS:
+        q0, t0, _ = bench_scoring.make_inputs(BATCH, m, DIM, m, dev)
+        ids, b0, y = session_terms(BATCH, m, dev, m)
+        q, table, bias = (x.clone().requires_grad_(True) for x in (q0, t0, b0))
+        for name, fn in _biased_impls().items():
+            def step(fn=fn):
+                q.grad = table.grad = bias.grad = None
+                fn(q, table, y, ids, bias).backward()
+            row = {"op": "biased_cross_entropy", "dtype": "float32", "M": m, "impl": name}
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            row.update(measure(step, _timer))
+            if dev.type == "cuda":
+                row["peak_extra_MB"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+            rows.append(row)
+    return add_ratios(rows, ("M", "dtype"), BATCH)
+
+
 def check_ranking(dev) -> list[dict]:
     """Chunked ranking / top-k on this device against the full score matrix. On the CPU they
     are equal bit for bit (MKL rounds a chunk's columns as in the full GEMM); recorded here
@@ -316,14 +388,15 @@ def run(out_path=None) -> dict:
                        "available": mtd_fast.available_backends(),
                        "auto_on_device": {op: describe(op, "auto", dev) for op in ops_}},
               "checks": [], "timings": [], "lce_timings": [], "errors": []}
-    for fn in (check_attention, check_aggregate, check_linear_cross_entropy, check_ranking):
+    for fn in (check_attention, check_aggregate, check_linear_cross_entropy, check_biased_cross_entropy,
+               check_ranking):
         try:
             result["checks"] += fn(dev)
         except Exception:  # keep going: the timing table is still worth having
             result["errors"].append(f"{fn.__name__}: {traceback.format_exc()}")
-    for key, fn in (("timings", timings), ("lce_timings", lce_timings)):
+    for key, fn in (("timings", timings), ("lce_timings", lce_timings), ("lce_timings", biased_timings)):
         try:
-            result[key] = fn(dev)
+            result[key] += fn(dev)
         except Exception:
             result["errors"].append(f"{key}: {traceback.format_exc()}")
     try:

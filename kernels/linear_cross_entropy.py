@@ -23,6 +23,10 @@ Design (no logits in memory at all: each tile lives in registers):
 So the kernel does four (B x M x D) products (forward, recomputed logits, dT, dq), like the
 "items" strategy of the chunked PyTorch backend, and needs O(B * splits) extra memory
 besides the gradients.
+- the per-row log-sum-exp (`row_logsumexp_triton`, differentiable): the same two kernels,
+  with no targets (-1) and, in backward, one scale per row (ROW_SCALE: G = softmax * grad_i).
+  The repeat bias's loss (`models.repeat.biased_cross_entropy`) corrects it for the bias on
+  the session's items.
 
 Loops have constexpr trip counts (TILES, ROW_BLOCKS, NUM_DCHUNKS): the interpreter (NumPy 2)
 cannot loop to a runtime bound. TILES is a power of two chosen from M, ROW_BLOCKS =
@@ -44,11 +48,17 @@ import torch
 import triton
 import triton.language as tl
 
-from mtd_fast.ops.linear_cross_entropy import check_inputs, linear_cross_entropy_chunked
+from mtd_fast.ops.linear_cross_entropy import (
+    check_inputs,
+    check_lse_inputs,
+    linear_cross_entropy_chunked,
+    row_logsumexp,
+)
 
 from .common import AOT_DTYPES, aot_signature, check_device, dot_precision
 
-__all__ = ["linear_cross_entropy_triton", "LinearCrossEntropyFunction", "linear_cross_entropy_forward",
+__all__ = ["linear_cross_entropy_triton", "LinearCrossEntropyFunction", "RowLogSumExpFunction", "row_logsumexp_triton",
+           "linear_cross_entropy_forward",
            "linear_cross_entropy_backward", "MAX_DIM", "TARGET_PROGRAMS", "uses_kernels", "aot_cases"]
 
 MAX_DIM = 1024
@@ -123,13 +133,16 @@ def _lce_bwd_kernel(
     B, M, D,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, NUM_DCHUNKS: tl.constexpr,
     TILES: tl.constexpr, ROW_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    NEED_DQ: tl.constexpr, NEED_DT: tl.constexpr,
+    NEED_DQ: tl.constexpr, NEED_DT: tl.constexpr, ROW_SCALE: tl.constexpr,
 ):
     """Program p owns item tiles [p * TILES, (p + 1) * TILES). With G = (softmax - onehot) * scale:
     DT[cols] += G^T Q (DT fp32 (M, D), zero-initialised) and DQ_PART[p] += G T[cols]
-    (DQ_PART fp32 (programs, B, D), zero-initialised)."""
+    (DQ_PART fp32 (programs, B, D), zero-initialised). SCALE: one fp32 scalar (the mean's
+    grad_output / B), or with ROW_SCALE one per row (B,) (the gradient of each row's
+    log-sum-exp: `row_logsumexp_triton`, whose rows have no target, TGT = -1)."""
     pid = tl.program_id(0)
-    scale = tl.load(SCALE)  # grad_output / B, read on device (no host sync)
+    if not ROW_SCALE:
+        scale = tl.load(SCALE)  # grad_output / B, read on device (no host sync)
     offs_k = tl.arange(0, BLOCK_DK)
     dq_base = DQ_PART + pid.to(tl.int64) * B * D
     for t in range(TILES):
@@ -144,7 +157,11 @@ def _lce_bwd_kernel(
             tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
             p = tl.exp(logits - lse[:, None])
             g = tl.where(cols[None, :] == tgt[:, None], p - 1.0, p)
-            g = tl.where(col_ok[None, :], g * scale, 0.0)
+            if ROW_SCALE:
+                g = g * tl.load(SCALE + rows, mask=row_ok, other=0.0)[:, None]
+            else:
+                g = g * scale
+            g = tl.where(col_ok[None, :], g, 0.0)
             gq = g.to(Q.dtype.element_ty)
             for c in range(NUM_DCHUNKS):
                 k = c * BLOCK_DK + offs_k
@@ -217,8 +234,9 @@ def linear_cross_entropy_forward(q: torch.Tensor, table: torch.Tensor, targets: 
 
 
 def linear_cross_entropy_backward(grad: torch.Tensor, q: torch.Tensor, table: torch.Tensor, targets: torch.Tensor,
-                                  lse: torch.Tensor, need=(True, True)):
-    """Launch the backward kernel. Returns (dq, dT), None where `need` is False."""
+                                  lse: torch.Tensor, need=(True, True), per_row: bool = False):
+    """Launch the backward kernel. Returns (dq, dT), None where `need` is False. `grad`: the
+    gradient of the mean loss (a scalar), or with `per_row` of each row's log-sum-exp (B,)."""
     need_dq, need_dt = need
     if not (need_dq or need_dt):
         return None, None
@@ -229,7 +247,10 @@ def linear_cross_entropy_backward(grad: torch.Tensor, q: torch.Tensor, table: to
     tiles = _tiles(n_tiles, 1)
     progs = triton.cdiv(n_tiles, tiles)
     dev = q.device
-    scale = (grad.detach().to(device=dev, dtype=torch.float32) / b).reshape(1)
+    if per_row:
+        scale = grad.detach().to(device=dev, dtype=torch.float32).reshape(b).contiguous()
+    else:
+        scale = (grad.detach().to(device=dev, dtype=torch.float32) / b).reshape(1)
     dt = torch.zeros((m, d), dtype=torch.float32, device=dev) if need_dt else lse
     dq_part = torch.zeros((progs, b, d), dtype=torch.float32, device=dev) if need_dq else lse
     _lce_bwd_kernel[(progs,)](
@@ -237,7 +258,7 @@ def linear_cross_entropy_backward(grad: torch.Tensor, q: torch.Tensor, table: to
         *q.stride(), *table.stride(),
         b, m, d,
         BLOCK_B=bb, BLOCK_N=bn, BLOCK_DK=bdk, NUM_DCHUNKS=nch, TILES=tiles, ROW_BLOCKS=triton.cdiv(b, bb),
-        DOT_PRECISION=dot_precision(q.dtype), NEED_DQ=need_dq, NEED_DT=need_dt,
+        DOT_PRECISION=dot_precision(q.dtype), NEED_DQ=need_dq, NEED_DT=need_dt, ROW_SCALE=per_row,
         num_warps=_num_warps(True, q.dtype),
     )
     dq = dq_part.sum(0).to(q.dtype) if need_dq else None
@@ -263,6 +284,37 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         dq, dt = linear_cross_entropy_backward(grad, q, table, tgt, lse,
                                                (ctx.needs_input_grad[0], ctx.needs_input_grad[1]))
         return dq, dt, None
+
+
+class RowLogSumExpFunction(torch.autograd.Function):
+    """logsumexp(q @ T.T, dim=1) through the same kernels: the forward kernel with no targets
+    (TGT = -1), the backward kernel with one scale per row (the upstream gradient of each
+    row's log-sum-exp: G = softmax * grad_i). Saves q, the table and the (B,) fp32 lse."""
+
+    @staticmethod
+    def forward(ctx, q, table):
+        tgt = torch.full((q.shape[0],), -1, dtype=torch.int64, device=q.device)
+        lse, _ = linear_cross_entropy_forward(q, table, tgt)
+        ctx.save_for_backward(q, table, tgt, lse)
+        return lse.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, table, tgt, lse = ctx.saved_tensors
+        return linear_cross_entropy_backward(grad, q, table, tgt, lse,
+                                             (ctx.needs_input_grad[0], ctx.needs_input_grad[1]), per_row=True)
+
+
+def row_logsumexp_triton(q: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
+    """`torch.logsumexp(q @ item_table.T, dim=1)` (batch,), differentiable in both, without
+    the (batch, M) logits: the Triton twin of `ops.linear_cross_entropy.row_logsumexp`, which
+    runs instead for float64 and dim > MAX_DIM. The repeat bias's loss on this backend
+    (`models.repeat.biased_cross_entropy`) corrects it for the session items' bias."""
+    check_lse_inputs(q, item_table, "row_logsumexp_triton")
+    check_device(q, "row_logsumexp_triton", "chunked")
+    if not uses_kernels(q):
+        return row_logsumexp(q, item_table)
+    return RowLogSumExpFunction.apply(q, item_table)
 
 
 def uses_kernels(q: torch.Tensor) -> bool:
@@ -301,7 +353,12 @@ def aot_cases(quick: bool = False):
                 tiles = _tiles(n_tiles, 1 if bwd else triton.cdiv(b, bb))
                 cx = {"BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_DK": bdk, "NUM_DCHUNKS": nch, "TILES": tiles,
                       "DOT_PRECISION": os.environ.get("AOT_PREC", "ieee") if dt == "fp32" else "ieee"}
-                if bwd:
-                    cx.update({"ROW_BLOCKS": triton.cdiv(b, bb), "NEED_DQ": True, "NEED_DT": True})
                 name = f"lce_{'bwd' if bwd else 'fwd'} {dt} B={b} M={m} d={d}"
-                yield name, fn, sig, cx, _num_warps(bwd, tdt)
+                if not bwd:
+                    yield name, fn, sig, cx, _num_warps(bwd, tdt)
+                    continue
+                cx.update({"ROW_BLOCKS": triton.cdiv(b, bb), "NEED_DQ": True, "NEED_DT": True})
+                # ROW_SCALE: the backward of row_logsumexp_triton (the repeat bias's loss), first shape only
+                for row_scale in ((False, True) if (b, m, d) == shapes[0] else (False,)):
+                    yield (name + (" row-scale" if row_scale else ""), fn, sig, {**cx, "ROW_SCALE": row_scale},
+                           _num_warps(bwd, tdt))

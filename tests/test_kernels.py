@@ -34,6 +34,10 @@ def test_gpu_check_script_runs_in_smoke_mode(tmp_path):
     assert data["ok"] and data["meta"]["smoke"]
     assert any(c["case"].startswith("linear_cross_entropy") for c in data["checks"])
     assert {r["impl"] for r in data["lce_timings"]} == {"triton", "chunked", "reference"}
+    # the repeat bias's loss: checked on both paths, timed on all three
+    assert any(c["case"].startswith("biased_cross_entropy") for c in data["checks"])
+    assert {r["impl"] for r in data["lce_timings"] if r["op"] == "biased_cross_entropy"} == {
+        "triton", "chunked", "reference"}
     assert "triton_ms" in data["mtd_step"], data["mtd_step"]
 
 

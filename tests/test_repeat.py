@@ -14,6 +14,8 @@ from mtd_fast.metrics import ranks_from_scores, topk_from_scores
 from mtd_fast.models import repeat as rp
 from mtd_fast.ops.linear_cross_entropy import row_logsumexp
 
+from testing import MODEL_TOL, TRITON_DEVICE, assert_close, triton_only
+
 
 def _padded(rng, b, max_len, n_items):
     lengths = rng.integers(1, max_len + 1, b)
@@ -212,3 +214,92 @@ def test_the_reference_backend_takes_the_dense_biased_loss(monkeypatch):
         monkeypatch.undo()
         assert called == ([1] if backend == "reference" else [])
     assert losses["reference"] == pytest.approx(losses[None], rel=1e-5)
+
+
+# ---- Triton: the per-row log-sum-exp through the kernels, and the biased loss on them ---------
+
+def _grad_fns(t: torch.Tensor) -> str:
+    """The names of every node of t's autograd graph, one string."""
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(fn.name())
+        todo += [nxt for nxt, _ in fn.next_functions]
+    return " ".join(sorted(names))
+
+
+@triton_only
+@pytest.mark.parametrize("b,m,d,progs", [(5, 37, 20, None), (33, 130, 100, None), (7, 130, 16, 1), (1, 17, 3, None)])
+def test_row_logsumexp_triton_is_logsumexp_with_per_row_gradients(b, m, d, progs, monkeypatch):
+    from mtd_fast.kernels import linear_cross_entropy as lce
+
+    if progs is not None:  # one program looping over several tiles
+        monkeypatch.setattr(lce, "TARGET_PROGRAMS", progs)
+    g = torch.Generator().manual_seed(b + m + d)
+    q, t = (torch.randn(n, d, generator=g).mul(2.0).to(TRITON_DEVICE) for n in (b, m))
+    go = torch.randn(b, generator=g).to(TRITON_DEVICE)  # a different upstream gradient per row
+
+    def run(fn, dtype):
+        qa, ta = q.to(dtype).requires_grad_(True), t.to(dtype).requires_grad_(True)
+        out = fn(qa, ta)
+        return [out, *torch.autograd.grad(out, (qa, ta), go.to(dtype))]
+
+    def eager(a, c):
+        return torch.logsumexp(a @ c.t(), 1)
+
+    got = run(lce.row_logsumexp_triton, torch.float32)
+    fp32, truth = run(eager, torch.float32), run(eager, torch.float64)
+    assert "RowLogSumExpFunction" in got[0].grad_fn.name()
+    for name, x, e, w in zip(("lse", "dq", "dT"), got, fp32, truth):
+        assert x.shape == w.shape and x.dtype == torch.float32, name
+        # logits of sd up to 40 here: against float64, no worse than twice eager fp32's own error
+        err, own = ((y.double() - w).abs().max().item() for y in (x, e))
+        assert err <= 2 * own + 1e-6, f"{name}: {err:.3g} from float64, eager fp32 {own:.3g}"
+    # float64 runs the chunked PyTorch twin; bad shapes raise naming the op
+    q64 = q.double().requires_grad_(True)
+    out = lce.row_logsumexp_triton(q64, t.double())
+    assert "RowLogSumExpFunction" not in out.grad_fn.name()
+    torch.testing.assert_close(out, torch.logsumexp(q64 @ t.double().t(), 1), atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="row_logsumexp_triton"):
+        lce.row_logsumexp_triton(q, t[:, :-1])
+
+
+@triton_only
+def test_biased_loss_on_the_triton_backend_is_the_dense_formula():
+    # the op alone, rows with and without re-click targets, a padding-only row
+    q, table, ids, bias, targets = _case(seed=2, dtype=torch.float32, scale=3.0)
+    args = [x.to(TRITON_DEVICE).requires_grad_(True) for x in (q, table, bias)]
+    ids, targets = ids.to(TRITON_DEVICE), targets.to(TRITON_DEVICE)
+    got = rp.biased_cross_entropy(args[0], args[1], targets, ids, args[2], triton=True)
+    assert "RowLogSumExpFunction" in _grad_fns(got)
+    want = rp.biased_cross_entropy_ref(args[0], args[1], targets, ids, args[2])
+    for name, x, w in zip(("loss", "dq", "dT", "dbias"), [got, *torch.autograd.grad(got, args)],
+                          [want, *torch.autograd.grad(want, args)]):
+        assert_close(name, x, w)
+    # the model's own path: MTD.loss -> terms_loss -> the kernels, against the reference backend
+    batch = {"items": torch.tensor([[1, 2, 1], [3, 0, 0], [4, 5, 4]], device=TRITON_DEVICE),
+             "lengths": torch.tensor([3, 1, 3], device=TRITON_DEVICE)}
+    targets = torch.tensor([2, 5, 4], device=TRITON_DEVICE)
+    results = []
+    for backend in ({"linear_cross_entropy": "triton"}, "reference"):
+        torch.manual_seed(0)
+        net = MTD(30, MTDConfig(hidden_size=8, repeat_bias=True), backend=backend).to(TRITON_DEVICE)
+        with torch.no_grad():
+            net.repeat.offset.fill_(1.5)
+            net.repeat.recency.copy_(torch.linspace(-1.0, 1.0, net.repeat.recency.numel()))
+        torch.manual_seed(1)
+        loss = net.loss(batch, targets)
+        loss.backward()
+        results.append((loss.detach(), _grad_fns(loss),
+                        {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
+    (l_t, fns_t, g_t), (l_r, fns_r, g_r) = results
+    assert "RowLogSumExpFunction" in fns_t and "RowLogSumExpFunction" not in fns_r
+    assert g_r["repeat.offset"].abs().item() > 0  # the bias is in the loss
+    atol, rtol = MODEL_TOL["triton"]
+    torch.testing.assert_close(l_t, l_r, atol=atol, rtol=rtol)
+    assert g_t.keys() == g_r.keys()
+    for name in g_r:
+        torch.testing.assert_close(g_t[name], g_r[name], atol=atol, rtol=rtol, msg=lambda msg: f"{name}: {msg}")

@@ -127,13 +127,15 @@ class SessionModel(nn.Module):
 
     def terms_loss(self, q: torch.Tensor, table: torch.Tensor, extra, targets: torch.Tensor) -> torch.Tensor:
         """`parts_loss`, or with a sparse term (`score_terms`) the exact cross-entropy of the
-        biased scores (`models.repeat.biased_cross_entropy`; its dense formula where the
-        model's backend spec picks the reference `linear_cross_entropy`)."""
+        biased scores (`models.repeat.biased_cross_entropy`, its log-sum-exp from the Triton
+        kernels where the model's backend spec picks the Triton `linear_cross_entropy`; its
+        dense formula where it picks the reference)."""
         if extra is None:
             return self.parts_loss(q, table, targets)
-        if ops.describe("linear_cross_entropy", self.backend, q.device) == "reference":
+        name = ops.describe("linear_cross_entropy", self.backend, q.device)
+        if name == "reference":
             return biased_cross_entropy_ref(q, table, targets.long() - 1, *extra)
-        return biased_cross_entropy(q, table, targets.long() - 1, *extra)
+        return biased_cross_entropy(q, table, targets.long() - 1, *extra, triton=name == "triton")
 
     def parts_loss(self, q: torch.Tensor, table: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of q @ table.T against targets (item ids 1..M), through

@@ -19,7 +19,8 @@ and is exact without the (batch, M) logits:
 
 (`biased_cross_entropy`: up to `ops.linear_cross_entropy.ROWS_MAX_ITEMS` items the bias goes into
 the logits inside that op's fused "rows" pass, `sparse_biased_cross_entropy`, one pass as without
-it; above, this correction of a chunked, differentiable lse_i, `row_logsumexp`). Ranking and top-k walk
+it; above, this correction of a chunked, differentiable lse_i, `row_logsumexp`; on the Triton backend
+the same correction of the kernels' lse_i, `row_logsumexp_triton`). Ranking and top-k walk
 the catalogue in column chunks as without it, each chunk's scores getting the entries of the session items in
 its columns (`metrics.biased_ranks`, `metrics.biased_topk`).
 `biased_cross_entropy_ref` and `metrics.dense_biased_scores` are the dense formulas the tests hold them to.
@@ -120,17 +121,24 @@ def corrected_cross_entropy(lse: torch.Tensor, s: torch.Tensor, target: torch.Te
 
 
 def biased_cross_entropy(q: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor,
-                         bias: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
+                         bias: torch.Tensor, chunk_size: Optional[int] = None, triton: bool = False) -> torch.Tensor:
     """Mean cross-entropy of the logits q @ table.T plus `bias` at (row, ids - 1), exactly,
     without the (batch, M) logits. targets (batch,) in 0..M-1 (item id - 1); ids (batch, U)
-    distinct item ids per row, 0 = padding; bias (batch, U)."""
+    distinct item ids per row, 0 = padding; bias (batch, U). `triton`: the per-row
+    log-sum-exp from the Triton kernels (`kernels.linear_cross_entropy.row_logsumexp_triton`,
+    CUDA or the interpreter), corrected here, at every catalogue size."""
     check_session_terms(q, table, ids, bias)
-    fused = sparse_biased_cross_entropy(q, table, targets, ids, bias, chunk_size)
-    if fused is not None:  # catalogues up to ROWS_MAX_ITEMS: the bias added inside the fused pass
-        return fused
+    if triton:
+        from ..kernels.linear_cross_entropy import row_logsumexp_triton
+
+        lse = row_logsumexp_triton(q, table)
+    else:
+        fused = sparse_biased_cross_entropy(q, table, targets, ids, bias, chunk_size)
+        if fused is not None:  # catalogues up to ROWS_MAX_ITEMS: the bias added inside the fused pass
+            return fused
+        lse = row_logsumexp(q, table, chunk_size)
     target = (q * table[targets.long()]).sum(1)
-    return corrected_cross_entropy(row_logsumexp(q, table, chunk_size), session_scores(q, table, ids), target,
-                                   targets, ids, bias)
+    return corrected_cross_entropy(lse, session_scores(q, table, ids), target, targets, ids, bias)
 
 
 def biased_cross_entropy_ref(q: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor,

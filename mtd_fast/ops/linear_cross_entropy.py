@@ -55,7 +55,7 @@ from .common import triton_devices, triton_usable
 from .dispatch import register, resolve
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_ref", "linear_cross_entropy_chunked", "check_inputs",
-           "row_logsumexp", "sparse_biased_cross_entropy",
+           "row_logsumexp", "check_lse_inputs", "sparse_biased_cross_entropy",
            "plan_chunks", "ROWS_BUDGET_BYTES", "ITEMS_BUDGET_BYTES", "ROWS_MAX_ITEMS"]
 
 # Working buffer when chunk_size is None, per strategy. Measured at 43k items, batch 512,
@@ -388,17 +388,23 @@ def sparse_biased_cross_entropy(q: torch.Tensor, item_table: torch.Tensor, targe
     return _RowsFunction.apply(q, item_table, targets.long(), n, ids, bias)
 
 
+def check_lse_inputs(q: torch.Tensor, item_table: torch.Tensor, who: str) -> None:
+    """Raise ValueError naming the problem unless q is (batch, dim) and item_table (M >= 1,
+    dim), of one dtype on one device."""
+    if q.dim() != 2 or item_table.dim() != 2 or q.shape[1] != item_table.shape[1] or item_table.shape[0] == 0:
+        raise ValueError(f"{who}: q must be (batch, dim) and item_table (M >= 1, dim), got "
+                         f"{tuple(q.shape)} and {tuple(item_table.shape)}")
+    if q.dtype != item_table.dtype or q.device != item_table.device:
+        raise ValueError(f"{who}: q and item_table must share dtype and device")
+
+
 def row_logsumexp(q: torch.Tensor, item_table: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
     """`torch.logsumexp(q @ item_table.T, dim=1)` (batch,), differentiable in q and the table,
     without the (batch, M) logits: an online log-sum-exp over catalogue chunks, recomputed in
     backward (the "items" strategy's sweeps). `chunk_size`: the most logits one chunk holds
     (None: ITEMS_BUDGET_BYTES). For losses that change a few logits per row (a sparse bias
     on the session's items) and need the rest of the softmax's normaliser exactly."""
-    if q.dim() != 2 or item_table.dim() != 2 or q.shape[1] != item_table.shape[1] or item_table.shape[0] == 0:
-        raise ValueError(f"row_logsumexp: q must be (batch, dim) and item_table (M >= 1, dim), got "
-                         f"{tuple(q.shape)} and {tuple(item_table.shape)}")
-    if q.dtype != item_table.dtype or q.device != item_table.device:
-        raise ValueError("row_logsumexp: q and item_table must share dtype and device")
+    check_lse_inputs(q, item_table, "row_logsumexp")
     elem = torch.empty((), dtype=_work_dtype(q.dtype)).element_size()
     _, cols = plan_chunks(max(1, q.shape[0]), item_table.shape[0], chunk_size, elem, "items")
     return _RowLse.apply(q, item_table, cols)
