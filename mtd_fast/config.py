@@ -75,6 +75,12 @@ class MTDConfig:
     # the session vector, the item's recency and click count; zero at the start); MTD only, off by
     # default until converged runs choose it on validation (README "Re-clicks")
     repeat_bias: bool = False
+    # with repeat_bias: a learned weight v (from 0) on the session items' identity correction,
+    # b_ij += v * (q . e_j - q . t_j) with e_j the item's own embedding row E_j and t_j its row of
+    # the table the recommender reads (normalized as the scoring is): v = 1 scores a re-click by
+    # the item's own embedding instead of its graph-smoothed row; 0 without a graph (T = E).
+    # Off by default (README "Re-clicks": the graph costs re-clicks, helps new items)
+    repeat_identity: bool = False
     # Baseline knobs (ignored by MTD); see each model file for what it reads.
     gnn_steps: int = 1  # SR-GNN gated GNN propagation steps
     knn_neighbors: int = 100  # ItemKNN neighbourhood size
@@ -118,8 +124,12 @@ class MTDConfig:
             _check(self.graph_norm == "sym", "graph_norm", self.graph_norm,
                    "graph_encoder='gat' (MTD-ga) normalizes by its attention softmax, not by graph_norm")
         for name in ("learn_position_decay", "use_self_attention", "use_position_decay", "graph_directed",
-                     "graph_weighted", "score_norm", "learn_score_scale", "repeat_bias"):
+                     "graph_weighted", "score_norm", "learn_score_scale", "repeat_bias", "repeat_identity"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "a bool")
+        _check(not self.repeat_identity or (self.repeat_bias and self.graph_mode == "residual"), "repeat_identity",
+               self.repeat_identity, f"only with repeat_bias=True (it weighs a term of that bias) and "
+               f"graph_mode='residual' (the only mode that scores a table other than E; "
+               f"repeat_bias={self.repeat_bias}, graph_mode={self.graph_mode!r})")
         _check(_is_int(self.gnn_steps) and self.gnn_steps >= 1, "gnn_steps", self.gnn_steps, "an int >= 1")
         _check(_is_int(self.knn_neighbors) and self.knn_neighbors >= 1, "knn_neighbors", self.knn_neighbors,
                "an int >= 1")

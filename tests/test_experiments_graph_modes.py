@@ -14,7 +14,7 @@ TINY = {"hidden_size": 8, "batch_size": 64, "max_steps_per_epoch": 2}
 
 def test_variants_and_specs():
     labels = [s.label for s in graph_modes.specs(Study("graph_modes"))]
-    assert len(labels) == 19 and set(labels) == set(graph_modes.VARIANTS)
+    assert len(labels) == 20 and set(labels) == set(graph_modes.VARIANTS)
     by_label = {s.label: s for s in graph_modes.specs(Study("graph_modes", seeds=[3]))}
     assert by_label["mtd-lo+cos"].model == "mtd-lo" and by_label["mtd-lo+cos"].overrides_dict["score_norm"] is True
     assert by_label["residual-w0"].overrides_dict["graph_weight"] == 0.0
@@ -26,6 +26,9 @@ def test_variants_and_specs():
     assert rep["repeat_bias"] is True and rep["graph_mode"] == "residual" and rep["score_norm"] is True
     assert lo_rep.model == "mtd-lo" and lo_rep.overrides_dict["repeat_bias"] is True
     assert graph_modes.baseline_of("residual-rep+cos") == "mtd-lo-rep+cos"
+    repid = by_label["residual-repid+cos"].overrides_dict
+    assert repid == {**rep, "repeat_identity": True}
+    assert graph_modes.baseline_of("residual-repid+cos") == "mtd-lo-rep+cos"
     assert graph_modes.baseline_of("joint+cos") == "mtd-lo+cos" and graph_modes.baseline_of("joint") == "mtd-lo"
     with pytest.raises(ExperimentError, match="unknown graph_modes variant"):
         graph_modes.specs(Study("graph_modes", models=["residual", "blend"]))

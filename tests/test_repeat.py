@@ -303,3 +303,77 @@ def test_biased_loss_on_the_triton_backend_is_the_dense_formula():
     assert g_t.keys() == g_r.keys()
     for name in g_r:
         torch.testing.assert_close(g_t[name], g_r[name], atol=atol, rtol=rtol, msg=lambda msg: f"{name}: {msg}")
+
+
+# ---- repeat_identity: re-clicks scored by the item's own embedding, weighed by a learned v ------
+
+def _graph_mtd(identity: bool, score_norm: bool = True, seed: int = 0):
+    """A residual-mode MTD with a graph (so T != E) and the repeat bias, on synthetic data."""
+    ds = mtd_fast.load_dataset("synthetic", n_sessions=200, n_items=40, seed=seed)
+    torch.manual_seed(seed)
+    net = mtd_fast.train(ds, model="mtd", epochs=1, quiet=True, hidden_size=8, batch_size=64, seed=seed,
+                         repeat_bias=True, repeat_identity=identity, score_norm=score_norm,
+                         max_steps_per_epoch=2).model
+    batch = {"items": torch.tensor([[1, 2, 1, 7], [3, 0, 0, 0], [5, 6, 9, 6]]), "lengths": torch.tensor([4, 1, 4])}
+    return net, batch
+
+
+@pytest.mark.parametrize("score_norm", [True, False])
+def test_repeat_identity_scores_session_items_by_their_own_embedding(score_norm):
+    net, batch = _graph_mtd(True, score_norm)
+    net.eval()
+    with torch.no_grad():
+        table = net.item_table()
+        assert not torch.allclose(table, net.item_emb.weight)  # the graph moved the rows
+        ids = rp.session_items(batch["items"], batch["lengths"])[0]
+        scores = {}
+        for v in (0.0, 1.0):
+            net.repeat.identity.fill_(v)
+            q, cand, (ids_, bias) = net.score_terms(batch)
+            assert torch.equal(ids_, ids)
+            scores[v] = rp.dense_biased_scores(q, cand, ids, bias)
+        e = net.item_emb.weight
+        e = torch.nn.functional.normalize(e, dim=1) if score_norm else e
+        for i, j in ((0, 1), (0, 2), (0, 7), (2, 6), (1, 3)):  # session items: scored by E_j when v = 1
+            own = (q[i] * e[j]).sum()
+            base = scores[0.0][i, j - 1]
+            t = torch.nn.functional.normalize(table[j], dim=0) if score_norm else table[j]
+            torch.testing.assert_close(scores[1.0][i, j - 1], base - (q[i] * t).sum() + own, rtol=1e-5, atol=1e-5)
+        # items outside the session keep their scores
+        outside = torch.ones_like(scores[0.0], dtype=torch.bool)
+        for i in range(3):
+            outside[i, ids[i][ids[i] > 0] - 1] = False
+        assert torch.equal(scores[1.0][outside], scores[0.0][outside])
+
+
+def test_repeat_identity_is_zero_without_a_graph_and_starts_at_zero():
+    # MTD-lo (no graph): T = E, so the term is exactly 0 whatever v
+    ds = mtd_fast.load_dataset("synthetic", n_sessions=200, n_items=40, seed=0)
+    lo = mtd_fast.train(ds, model="mtd-lo", epochs=1, quiet=True, hidden_size=8, batch_size=64, seed=0,
+                        repeat_bias=True, repeat_identity=True, max_steps_per_epoch=2).model.eval()
+    batch = {"items": torch.tensor([[1, 2, 1]]), "lengths": torch.tensor([3])}
+    with torch.no_grad():
+        q, _, (ids, _) = lo.score_terms(batch)
+        assert torch.equal(lo.identity_shift(q, lo.item_table(), ids), torch.zeros_like(ids, dtype=q.dtype))
+    # a fresh model with the option equals one without it (v starts at 0, no extra RNG draw)
+    torch.manual_seed(5)
+    a = MTD(30, MTDConfig(hidden_size=8, repeat_bias=True))
+    torch.manual_seed(5)
+    b = MTD(30, MTDConfig(hidden_size=8, repeat_bias=True, repeat_identity=True))
+    assert set(b.state_dict()) - set(a.state_dict()) == {"repeat.identity"}
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    # v learns in residual mode: its gradient is not zero
+    net, batch = _graph_mtd(True)
+    net.train()
+    net.loss(batch, torch.tensor([1, 3, 6])).backward()  # every target a re-click
+    assert net.repeat.identity.grad is not None and net.repeat.identity.grad.abs().item() > 0
+
+
+def test_repeat_identity_needs_the_bias_and_the_residual_table():
+    with pytest.raises(ValueError, match="repeat_identity"):
+        MTDConfig(repeat_identity=True)
+    with pytest.raises(ValueError, match="repeat_identity.*graph_mode='overwrite'"):
+        MTDConfig(repeat_bias=True, repeat_identity=True, graph_mode="overwrite")
+    with pytest.raises(ValueError, match="identity"):
+        rp.RepeatBias(4)(torch.ones(1, 4), torch.ones(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
+                         torch.ones(1, 1, dtype=torch.long), torch.ones(1, 1))

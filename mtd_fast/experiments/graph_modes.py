@@ -42,6 +42,10 @@ for _label, (_model, _kw) in _BASE.items():
 # the default and MTD-lo with the learned bias on the session's own items (models/repeat.py)
 VARIANTS["residual-rep+cos"] = ("mtd", {**_BASE["residual"][1], "score_norm": True, "repeat_bias": True})
 VARIANTS["mtd-lo-rep+cos"] = ("mtd-lo", {"score_norm": True, "repeat_bias": True})
+# ... with the learned weight on scoring re-clicks by the item's own embedding (its MTD-lo is
+# mtd-lo-rep+cos: without a graph the term is 0)
+VARIANTS["residual-repid+cos"] = ("mtd", {**_BASE["residual"][1], "score_norm": True, "repeat_bias": True,
+                                          "repeat_identity": True})
 # the default with a learned cosine scale (the softmax temperature; starts at score_scale): cosine
 # scoring only, so no dot-product twin
 VARIANTS["residual-ls+cos"] = ("mtd", {**_BASE["residual"][1], "score_norm": True, "learn_score_scale": True})
@@ -52,12 +56,13 @@ WHAT = {"mtd-lo": "no graph", "overwrite": "E[nodes] = H after each graph phase 
         "residual-gdrop": "T = E + dropout_0.5(GCN(E)) in training (GCE-GNN's global dropout), + DGI",
         "residual-ls": "the default with the cosine scale learned (from 12)",
         "residual-rep": "the default + a learned bias on the session's own items (re-clicks)",
-        "mtd-lo-rep": "no graph, + the learned bias on the session's own items"}
+        "mtd-lo-rep": "no graph, + the learned bias on the session's own items",
+        "residual-repid": "the default + the bias, + a learned weight on scoring the session's items by E"}
 
 
 def baseline_of(label: str) -> str:
     """The MTD-lo variant with the same scoring as `label`."""
-    base = "mtd-lo-rep" if label.split("+")[0].endswith("-rep") else "mtd-lo"
+    base = "mtd-lo-rep" if label.split("+")[0].endswith(("-rep", "-repid")) else "mtd-lo"
     return base + "+cos" if label.endswith("+cos") else base
 
 

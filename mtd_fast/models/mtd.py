@@ -27,7 +27,8 @@ paper's `q . T_j`. The defaults (residual + cosine) were chosen on validation da
 README "Graph integration", benches/figures/graph_modes.md.
 `repeat_bias=True` (off by default; not in the paper) adds a learned bias to the scores of
 the session's own items, RepeatNet's repeat mode as an additive term (models/repeat.py,
-README "Re-clicks").
+README "Re-clicks"); `repeat_identity=True` adds to it a learned weight on scoring those
+items by their own embeddings instead of their graph-smoothed rows (`identity_shift`).
 
 The hot ops go through `mtd_fast.ops` (session attention, aggregation, SpMM) so every
 backend computes the same function; dropout masks are drawn here, outside any kernel.
@@ -138,7 +139,7 @@ class MTD(SessionModel):
             else:
                 self.register_buffer("score_scale", scale)
         # the learned bias on the session's own items (models/repeat.py); None when off
-        self.repeat = RepeatBias(d) if cfg.repeat_bias else None
+        self.repeat = RepeatBias(d, identity=cfg.repeat_identity) if cfg.repeat_bias else None
         self.graph = None  # GlobalGraph of the training sessions; set by `set_graph` when a mode reads it per step
         self._table_cache: Optional[tuple[tuple, torch.Tensor]] = None
         self.reset_parameters()
@@ -276,11 +277,23 @@ class MTD(SessionModel):
 
     def score_terms(self, batch: Batch, table: Optional[torch.Tensor] = None):
         """`score_parts`, and with `repeat_bias` the bias on each session's distinct items."""
+        table = self.item_table() if table is None else table
         q, cand = self.score_parts(batch, table)
         if self.repeat is None:
             return q, cand, None
         ids, recency, count = session_items(batch["items"], batch["lengths"])
-        return q, cand, (ids, self.repeat(q, ids, recency, count))
+        z = self.identity_shift(q, table, ids) if self.config.repeat_identity else None
+        return q, cand, (ids, self.repeat(q, ids, recency, count, z))
+
+    def identity_shift(self, q: torch.Tensor, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """z_ij = q_i . e_j - q_i . t_j (B, U) for the session's distinct items j (`repeat_identity`):
+        e_j = E_j, the item's own embedding, t_j its row of `table` (what the recommender scores),
+        both normalized when the scoring is cosine (q then carries the scale). Adding z_ij to
+        item j's score scores it by its own embedding; exactly 0 where table = E (no graph)."""
+        e, t = self.item_emb.weight[ids], table[ids]  # (B, U, d); padding ids read row 0 (masked by the bias)
+        if self.config.score_norm:
+            e, t = normalize_rows(e), normalize_rows(t)
+        return torch.einsum("bd,bud->bu", q, e - t)
 
     def multitask_loss(self, batch: Batch, targets: torch.Tensor, graph_weight: float,
                        perm: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -79,9 +79,11 @@ def session_items(items: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Ten
 
 class RepeatBias(nn.Module):
     """b_ij = w . q_i/|q_i| + c + r[min(recency_ij, R-1)] + u * log(count_ij) on the session's
-    distinct items (0 on padding); every parameter starts at 0."""
+    distinct items (0 on padding); every parameter starts at 0. With `identity` a learned weight
+    v on a given per-item term z_ij (MTD's identity correction, `MTDConfig.repeat_identity`):
+    b_ij + v * z_ij."""
 
-    def __init__(self, dim: int, buckets: int = RECENCY_BUCKETS) -> None:
+    def __init__(self, dim: int, buckets: int = RECENCY_BUCKETS, identity: bool = False) -> None:
         super().__init__()
         # plain zero tensors, no nn.Linear: building one would draw from the RNG and shift the
         # initialisation of every later module against the same model without the bias
@@ -89,15 +91,23 @@ class RepeatBias(nn.Module):
         self.offset = nn.Parameter(torch.zeros(()))
         self.recency = nn.Parameter(torch.zeros(buckets))
         self.log_count = nn.Parameter(torch.zeros(()))
+        # absent without the option, so models saved before it load unchanged
+        self.identity = nn.Parameter(torch.zeros(())) if identity else None
 
     def reset_parameters(self) -> None:
         for p in self.parameters():
             nn.init.zeros_(p)
 
-    def forward(self, q: torch.Tensor, ids: torch.Tensor, recency: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, ids: torch.Tensor, recency: torch.Tensor, count: torch.Tensor,
+                z: Optional[torch.Tensor] = None) -> torch.Tensor:
         g = F.normalize(q, dim=1) @ self.gate + self.offset  # (B,)
         b = g[:, None] + self.recency[recency.clamp_max(self.recency.numel() - 1)] \
             + self.log_count * torch.log(count.clamp_min(1).to(q.dtype))
+        if (z is None) != (self.identity is None):
+            raise ValueError("RepeatBias: give the identity term z exactly when the bias was built with "
+                             "identity=True")
+        if z is not None:
+            b = b + self.identity * z
         return torch.where(ids > 0, b, torch.zeros_like(b))
 
 
