@@ -8,9 +8,12 @@ checkout one after the other (`PYTHONPATH=<checkout> python benches/step_time.py
 
 It first prints how much padding a batch carries: the mean prefix length of the training
 samples and the mean padded width (longest prefix) of 200 random batches of 512.
-Steps: the wall-clock mean and the median thread CPU time of steps skip+1 .. skip+steps of
-a training epoch (first the untimed ones: allocation, Numba compilation). Batches: the median thread CPU time of
-`model.batch_from_sessions` over --batches random batches of 512 training prefixes.
+Steps: the wall-clock mean, the median thread CPU time and the median count of minor page
+faults (the process's, `getrusage`) of steps skip+1 .. skip+steps of a training epoch (first
+the untimed ones: allocation, Numba compilation). `MTD_FAST_MALLOC=system` runs them with
+glibc's own malloc thresholds (`mtd_fast/allocator.py`), to compare with the default.
+Batches: the median thread CPU time of `model.batch_from_sessions` over --batches random
+batches of 512 training prefixes.
 MTD_BENCH_SMOKE=1: synthetic data, 3 steps (a smoke run, not a measurement).
 """
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import resource
 import statistics
 import time
 
@@ -37,20 +42,26 @@ class _Stop(Exception):
     pass
 
 
-def step_seconds(ds, model: str, skip: int, steps: int, threads: int) -> tuple[float, float]:
-    """(mean wall seconds, median thread CPU seconds) of steps skip+1 .. skip+steps of one
-    training epoch. CPU time is the steadier figure on a loaded machine (at 1 thread it is
-    the step's own work; wall time adds whatever else ran)."""
-    seen, marks, cpu = [0], [], []
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def step_seconds(ds, model: str, skip: int, steps: int, threads: int) -> tuple[float, float, float]:
+    """(mean wall seconds, median thread CPU seconds, median minor page faults) of steps
+    skip+1 .. skip+steps of one training epoch. CPU time is the steadier figure on a loaded
+    machine (at 1 thread it is the step's own work, the kernel's page faults included; wall
+    time adds whatever else ran)."""
+    seen, marks, cpu, faults = [0], [], [], []
     original = train_module.train_step
 
     def timed(*args, **kwargs):
         if seen[0] == skip:
             marks.append(time.perf_counter())
-        t0 = time.thread_time()
+        f0, t0 = _minor_faults(), time.thread_time()
         out = original(*args, **kwargs)
         if seen[0] >= skip:
             cpu.append(time.thread_time() - t0)
+            faults.append(_minor_faults() - f0)
         seen[0] += 1
         if seen[0] == skip + steps:
             marks.append(time.perf_counter())
@@ -66,7 +77,7 @@ def step_seconds(ds, model: str, skip: int, steps: int, threads: int) -> tuple[f
         train_module.train_step = original
     if len(marks) != 2:
         raise SystemExit(f"{model}: the epoch had fewer than {skip + steps} steps; lower --skip / --steps")
-    return (marks[1] - marks[0]) / steps, statistics.median(cpu)
+    return (marks[1] - marks[0]) / steps, statistics.median(cpu), statistics.median(faults)
 
 
 def batch_seconds(ds, model: str, batches: int, batch_size: int = 512) -> float:
@@ -112,16 +123,17 @@ def main() -> None:
           f"{pad['mean_batch_width']:.1f} on average", flush=True)
     rows = []
     for model in args.models:
-        wall, cpu = step_seconds(ds, model, args.skip, args.steps, args.threads)
-        row = {"model": model, "step_s": wall, "step_cpu_s": cpu, "batch_cpu_s": batch_seconds(ds, model, args.batches)}
+        wall, cpu, faults = step_seconds(ds, model, args.skip, args.steps, args.threads)
+        row = {"model": model, "step_s": wall, "step_cpu_s": cpu, "step_minor_faults": faults,
+               "batch_cpu_s": batch_seconds(ds, model, args.batches)}
         rows.append(row)
         print(f"{model}: {row['step_s']:.4f} s/step (mean of steps {args.skip + 1}-{args.skip + args.steps}), "
-              f"{cpu * 1e3:.1f} ms CPU/step (median), "
+              f"{cpu * 1e3:.1f} ms CPU/step (median), {faults:.0f} minor page faults/step (median), "
               f"batch building {row['batch_cpu_s'] * 1e3:.1f} ms CPU (median of {args.batches})", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"dataset": ds.name, "threads": args.threads, "padding": pad, "mtd_fast": mtd_fast.__file__,
-                       "rows": rows}, fh, indent=2)
+                       "malloc": os.environ.get("MTD_FAST_MALLOC") or "keep", "rows": rows}, fh, indent=2)
 
 
 if __name__ == "__main__":

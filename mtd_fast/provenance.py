@@ -37,8 +37,12 @@ def source_commit() -> tuple[Optional[str], Optional[bool]]:
 
 
 def machine() -> dict[str, Any]:
-    """Platform, processor, CPU count, torch's thread count and the Python version."""
+    """Platform, processor, CPU count, torch's thread count, the Python version, and whether
+    freed memory is kept for reuse (`mtd_fast.allocator`: it changes seconds per step)."""
     import torch
 
+    from .allocator import in_effect
+
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "malloc_keeps_freed": in_effect()}

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from . import ops
+from .allocator import keep_freed_memory
 from .config import PHASE_MODES, ConfigError, MTDConfig, TrainConfig, check_graph_options, split_overrides
 from .data.dataset import Dataset
 from .data.store import DataError, Samples, iter_batches
@@ -633,6 +634,7 @@ def train(dataset: Dataset, *, model: str = "mtd", epochs: int = 10, seed: int =
     if tcfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={tcfg.device!r} but CUDA is not available")
     dataset.check_catalogue()  # before any allocation that scales with the largest id
+    keep_freed_memory()  # no page faults on the blocks every step frees and allocates again
     dist = Dist()
     if dist.enabled and tcfg.batch_size % dist.world:
         raise ConfigError(f"batch_size={tcfg.batch_size} is not divisible by the world size {dist.world}: each of "
