@@ -52,7 +52,8 @@ def test_step_time_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["model"] for r in rows] == ["srgnn", "narm"]
     assert all(r["step_s"] > 0 and r["step_cpu_s"] > 0 and r["batch_cpu_s"] > 0 for r in rows)
-    assert all(r["step_minor_faults"] >= 0 for r in rows) and json.loads(out.read_text())["malloc"] == "keep"
+    assert all(r["step_minor_faults"] >= 0 for r in rows)
+    assert json.loads(out.read_text())["malloc"] in ("keep", "system")
 
 
 def test_graph_branch_smoke(tmp_path):
