@@ -241,7 +241,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                             dataset_kwargs=_synthetic_kwargs(args), models=args.models, seeds=args.seeds,
                             epochs=args.epochs, overrides=_config_overrides(args), out=Path(args.out),
                             quiet=args.quiet, backend=args.backend, command=cli_command(args.argv),
-                            options=options)
+                            options=options, adopt=args.adopt or ())
     print(result["markdown"])
     print("written: " + ", ".join(str(p) for p in result["paths"].values()))
     return 0
@@ -344,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--status", action="store_true",
                    help="print where the study in OUT/NAME stands (finished, in progress, set aside) and exit: "
                         "reads the folder only, safe beside a running invocation")
+    x.add_argument("--adopt", nargs="+", default=None, metavar="RESULT.json",
+                   help="take these finished result files of another study (another label, the same dataset, "
+                        "model, seed, epochs cap and resolved configs) as this study's runs instead of training "
+                        "them; each copy records where it came from")
     g = x.add_argument_group("sensitivity")
     g.add_argument("--hidden-sizes", nargs="+", type=int, default=None, help="(25 50 100 150 200)")
     g.add_argument("--frequencies", nargs="+", type=int, default=None,

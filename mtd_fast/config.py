@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 __all__ = ["MTDConfig", "TrainConfig", "split_overrides", "ConfigError", "GRAPH_MODES", "PHASE_MODES",
-           "check_graph_options"]
+           "check_graph_options", "LEGACY_VALUES"]
 
 GRAPH_MODES = ("overwrite", "rescaled", "joint", "residual")
 PHASE_MODES = ("overwrite", "rescaled")  # modes that train the graph in phases and write back
@@ -72,9 +72,10 @@ class MTDConfig:
     score_scale: float = 12.0  # the scale of cosine scoring (its initial value when learned)
     learn_score_scale: bool = False
     # a learned bias on the scores of the items already in the session (models/repeat.py: a gate on
-    # the session vector, the item's recency and click count; zero at the start); MTD only, off by
-    # default until converged runs choose it on validation (README "Re-clicks")
-    repeat_bias: bool = False
+    # the session vector, the item's recency and click count; zero at the start; not in the paper).
+    # Read by MTD and its ablations only. On by default: converged runs chose it on validation on
+    # all three datasets (README "Re-clicks"); the paper's model is repeat_bias=False
+    repeat_bias: bool = True
     # with repeat_bias: a learned weight v (from 0) on the session items' identity correction,
     # b_ij += v * (q . e_j - q . t_j) with e_j the item's own embedding row E_j and t_j its row of
     # the table the recommender reads (normalized as the scoring is): v = 1 scores a re-click by
@@ -204,6 +205,17 @@ class TrainConfig:
 _MODEL_FIELDS = {f.name for f in fields(MTDConfig)}
 _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 assert not (_MODEL_FIELDS & _TRAIN_FIELDS), "field names must be unique across the two configs"
+
+# Config fields added after model and result files had been written, each with the value
+# that reproduces the code before it existed: a file without the field was made with that
+# value (before graph_mode the write-back was the only integration, before score_norm scoring
+# was a dot product, before repeat_bias there was no re-click term). Where that is not
+# today's default, reading an old file with the default would build another model, so
+# `load` and the experiment runner fill a missing field from here.
+LEGACY_VALUES: dict[str, Any] = {"graph_mode": "overwrite", "residual_form": "gcn", "score_norm": False,
+                                 "learn_score_scale": False, "graph_dropout": 0.0, "repeat_bias": False,
+                                 "repeat_identity": False, "deterministic": None}
+assert set(LEGACY_VALUES) <= _MODEL_FIELDS | _TRAIN_FIELDS
 
 
 def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

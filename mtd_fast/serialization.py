@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .config import MTDConfig
+from .config import LEGACY_VALUES, MTDConfig
 from .models import model_class
 from .models.base import SessionModel
 
@@ -192,8 +192,10 @@ def model_from_payload(payload: Mapping[str, Any], path: Any, backend: Any = Non
     if unknown:
         raise ModelFileError(f"{path}: unknown config key {unknown[0]!r} (not a field of MTDConfig; written by "
                              "another mtd_fast version?)")
+    # a field the file lacks was added later: the value the code had before it (not today's default)
+    legacy = {k: v for k, v in LEGACY_VALUES.items() if k in known and k not in payload["config"]}
     try:
-        config = MTDConfig(**payload["config"])
+        config = MTDConfig(**legacy, **payload["config"])
     except ValueError as exc:
         raise ModelFileError(f"{path}: the stored config is invalid: {exc}") from None
     dropout = payload.get("dropout", 0.0)

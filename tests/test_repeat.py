@@ -150,9 +150,9 @@ def _alternating(n, seed):
 
 def test_mtd_with_repeat_bias_starts_as_without_and_learns_re_clicks():
     torch.manual_seed(3)
-    plain = MTD(50, MTDConfig(hidden_size=8))
+    plain = MTD(50, MTDConfig(hidden_size=8, repeat_bias=False))
     torch.manual_seed(3)
-    rep = MTD(50, MTDConfig(hidden_size=8, repeat_bias=True))
+    rep = MTD(50, MTDConfig(hidden_size=8))  # the default has the term
     sd = rep.state_dict()
     assert all(torch.equal(v, sd[k]) for k, v in plain.state_dict().items())  # same draws, bias at 0
     batch = rep.batch_from_sessions(Sessions.from_lists([[1, 2, 1], [3], [4, 5, 6, 4]]), np.arange(3))
@@ -166,8 +166,8 @@ def test_mtd_with_repeat_bias_starts_as_without_and_learns_re_clicks():
         ds = Dataset("alternating", Sessions.from_lists(_alternating(1500, 0)), Samples.from_lists(xs, ys),
                      n_items=1000)
     kw = dict(epochs=3, quiet=True, hidden_size=16, seed=0, batch_size=128, lr=1e-2)
-    base = mtd_fast.train(ds, model="mtd", **kw)
-    with_bias = mtd_fast.train(ds, model="mtd", repeat_bias=True, **kw)
+    base = mtd_fast.train(ds, model="mtd", repeat_bias=False, **kw)
+    with_bias = mtd_fast.train(ds, model="mtd", **kw)  # the default has the term
     r = with_bias.model.repeat.recency.detach()
     assert r[1] > 0.5 and r[0] < -0.5  # learned: the item before last comes back, the last one does not
     # 80% of the targets are re-clicks: the bias puts them first far more often
@@ -191,6 +191,29 @@ def test_save_and_load_keep_the_repeat_bias(tmp_path):
     mtd_fast.save(res.model, tmp_path / "m.pt")
     back = mtd_fast.load(tmp_path / "m.pt")
     assert back.config.repeat_bias and torch.equal(back.repeat.recency, res.model.repeat.recency)
+    sessions = [[1, 2, 1], [5, 6]]
+    assert torch.equal(back.recommend(sessions, k=10), res.model.recommend(sessions, k=10))
+
+
+def test_a_model_file_from_before_the_term_loads_without_it(tmp_path):
+    """repeat_bias is the default now; a file written before the field existed was a model
+    without the term, and loads as one (config.LEGACY_VALUES), not as today's default."""
+    from mtd_fast.serialization import state_digest
+
+    ds = mtd_fast.load_dataset("synthetic", n_sessions=300, n_items=60)
+    res = mtd_fast.train(ds, model="mtd", epochs=1, quiet=True, hidden_size=8, batch_size=64, repeat_bias=False)
+    assert mtd_fast.train(ds, model="mtd", epochs=1, quiet=True, hidden_size=8, batch_size=64,
+                          max_steps_per_epoch=1).model.repeat is not None  # the default has the term
+    path = tmp_path / "old.pt"
+    mtd_fast.save(res.model, path)
+    payload = torch.load(path, weights_only=True)
+    for key in ("repeat_bias", "repeat_identity"):
+        del payload["config"][key]
+    payload.pop("digest")
+    payload["digest"] = state_digest(payload)
+    torch.save(payload, path)
+    back = mtd_fast.load(path)
+    assert back.config.repeat_bias is False and back.repeat is None
     sessions = [[1, 2, 1], [5, 6]]
     assert torch.equal(back.recommend(sessions, k=10), res.model.recommend(sessions, k=10))
 
@@ -371,7 +394,7 @@ def test_repeat_identity_is_zero_without_a_graph_and_starts_at_zero():
 
 def test_repeat_identity_needs_the_bias_and_the_residual_table():
     with pytest.raises(ValueError, match="repeat_identity"):
-        MTDConfig(repeat_identity=True)
+        MTDConfig(repeat_bias=False, repeat_identity=True)
     with pytest.raises(ValueError, match="repeat_identity.*graph_mode='overwrite'"):
         MTDConfig(repeat_bias=True, repeat_identity=True, graph_mode="overwrite")
     with pytest.raises(ValueError, match="identity"):

@@ -27,7 +27,7 @@ WHAT = {"mtd": "full model", "mtd-va": "no self-attention, no position decay",
 
 
 def specs(study: Study):
-    return [study.spec(m, s) for m in (study.models or MODELS) for s in study.seeds_or(DEFAULT_SEEDS)]
+    return [study.paper_spec(m, s) for m in (study.models or MODELS) for s in study.seeds_or(DEFAULT_SEEDS)]
 
 
 def run(study: Study) -> dict[str, Any]:

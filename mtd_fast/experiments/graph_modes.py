@@ -36,9 +36,9 @@ _BASE: dict[str, tuple[str, dict[str, Any]]] = {
     "residual-gdrop": ("mtd", {"graph_mode": "residual", "graph_weight": 1.0, "graph_dropout": 0.5}),
 }
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {}
-for _label, (_model, _kw) in _BASE.items():
-    VARIANTS[_label] = (_model, {**_kw, "score_norm": False})
-    VARIANTS[_label + "+cos"] = (_model, {**_kw, "score_norm": True})
+for _label, (_model, _kw) in _BASE.items():  # without the re-click bias (the study predates it)
+    VARIANTS[_label] = (_model, {**_kw, "score_norm": False, "repeat_bias": False})
+    VARIANTS[_label + "+cos"] = (_model, {**_kw, "score_norm": True, "repeat_bias": False})
 # the default and MTD-lo with the learned bias on the session's own items (models/repeat.py)
 VARIANTS["residual-rep+cos"] = ("mtd", {**_BASE["residual"][1], "score_norm": True, "repeat_bias": True})
 VARIANTS["mtd-lo-rep+cos"] = ("mtd-lo", {"score_norm": True, "repeat_bias": True})
@@ -48,7 +48,8 @@ VARIANTS["residual-repid+cos"] = ("mtd", {**_BASE["residual"][1], "score_norm": 
                                           "repeat_identity": True})
 # the default with a learned cosine scale (the softmax temperature; starts at score_scale): cosine
 # scoring only, so no dot-product twin
-VARIANTS["residual-ls+cos"] = ("mtd", {**_BASE["residual"][1], "score_norm": True, "learn_score_scale": True})
+VARIANTS["residual-ls+cos"] = ("mtd", {**_BASE["residual"][1], "score_norm": True, "learn_score_scale": True,
+                                       "repeat_bias": False})
 WHAT = {"mtd-lo": "no graph", "overwrite": "E[nodes] = H after each graph phase (authors' code)",
         "rescaled": "write-back at the rows' previous norms", "joint": "CE + DGI every step, no write-back",
         "residual": "T = E + GCN(E) for items and candidates, + DGI", "residual-w0": "T = E + GCN(E), no DGI term",

@@ -202,10 +202,10 @@ def run(study: Study) -> dict[str, Any]:
         raise ExperimentError(f"interpret needs --tsne-classes >= 2, --tsne-sessions >= twice that and "
                               f"--heatmap-sessions >= 1, got {opts}")
     given = _checkpoints(study)
-    base = study.spec("mtd", seed)
+    base = study.paper_spec("mtd", seed)
     ds = load_spec_dataset(base) if given else None  # a given checkpoint must fit the data: check before training
     models = {m: _load_checked(p, m, ds) for m, p in given.items()}
-    specs = {m: study.spec(m, seed) for m in MODELS if m not in given}
+    specs = {m: study.paper_spec(m, seed) for m in MODELS if m not in given}
     records = study.run(list(specs.values()), checkpoints=True)
     ckpts = {**{m: checkpoint_path(study.runs_dir, s) for m, s in specs.items()}, **given}
     ds = ds or load_spec_dataset(base)

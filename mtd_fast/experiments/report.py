@@ -26,7 +26,8 @@ class ExperimentError(ValueError):
 
 MODEL_NAMES = {"pop": "POP", "spop": "S-POP", "itemknn": "ItemKNN", "gru4rec": "GRU4Rec", "narm": "NARM",
                "stamp": "STAMP", "sasrec": "SASRec", "srgnn": "SR-GNN", "csrm": "CSRM", "cosan": "CoSAN",
-               "mtd": "MTD", "mtd-va": "MTD-va", "mtd-at": "MTD-at", "mtd-lo": "MTD-lo", "mtd-ga": "MTD-ga"}
+               "mtd": "MTD", "mtd-va": "MTD-va", "mtd-at": "MTD-at", "mtd-lo": "MTD-lo", "mtd-ga": "MTD-ga",
+               "mtd-norep": "MTD (no re-click term)", "mtd-lo-norep": "MTD-lo (no re-click term)"}
 
 
 def display_name(label: str) -> str:

@@ -6,10 +6,12 @@
     print(merge_table(load_results("benches/figures/table2")))   # mtd_fast.experiments.merge
 
 `run_all` loads each dataset once, skips every spec whose result file is valid and was
-made by the same spec (dataset, fraction, synthetic options, model, label, seed, epochs,
-overrides), and retrains the others. A corrupt, truncated or mismatching file is never
-merged: it is moved aside to `NAME.json.replaced` (one line says why) and the run is
-redone. Each file is written atomically right after its run.
+made by the same spec (dataset, data folder, fraction, synthetic options, model, label,
+seed, epochs, and the resolved configs on every field either side overrides or whose
+default changed: `spec_mismatch`), and retrains the others. `adopt` takes another study's
+finished run of the same spec under another label instead of training it. A corrupt,
+truncated or mismatching file is never merged: it is moved aside to `NAME.json.replaced`
+(one line says why) and the run is redone. Each file is written atomically right after its run.
 
 A run in progress trains in its own run directory, `OUT/.partial/<result file stem>/`
 (`mtd_fast.rundir`: a checkpoint after every epoch and every CHECKPOINT_EVERY training
@@ -38,13 +40,15 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from ..config import LEGACY_VALUES
 from ..metrics import METRIC_KEYS
 from ..provenance import machine, source_commit
 from .ranks import RANKS_SUFFIX, write_ranks
 from .report import ExperimentError, atomic_save, atomic_write_json
 
 __all__ = ["RunSpec", "result_path", "ranks_path", "run_all",
-           "load_results", "read_result", "validate_record", "spec_mismatch", "load_spec_dataset",
+           "load_results", "read_result", "validate_record", "spec_mismatch", "config_mismatch", "load_spec_dataset",
+           "adopt", "adopt_files",
            "dataset_part", "FORMAT", "FORMAT_VERSION"]
 
 log = logging.getLogger("mtd_fast")
@@ -111,8 +115,7 @@ class RunSpec:
 
     def validate(self) -> None:
         """Everything that can be checked without data: raises before any training."""
-        from ..config import MTDConfig, TrainConfig, split_overrides
-        from ..models import ablation_overrides, model_class
+        from ..models import model_class
 
         if self.dataset is None and self.root is None:
             raise ExperimentError("RunSpec needs a dataset name or root=PATH")
@@ -129,8 +132,16 @@ class RunSpec:
         if not isinstance(self.label, str) or not _LABEL_RE.match(self.label):
             raise ExperimentError(f"label={self.label!r}: use letters, digits and . _ = + - (it names a file)")
         model_class(self.model)  # ValueError naming the known models
-        mkw, tkw = split_overrides(ablation_overrides(self.model, dict(self.overrides)))  # TypeError / ValueError
-        MTDConfig(**mkw), TrainConfig(**tkw)  # ConfigError naming the field
+        self.configs()  # TypeError / ValueError / ConfigError naming the field
+
+    def configs(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(model config, train config) as dicts: the fields this spec trains with today
+        (defaults, the ablation's fixed fields, the overrides)."""
+        from ..config import MTDConfig, TrainConfig, split_overrides
+        from ..models import ablation_overrides
+
+        mkw, tkw = split_overrides(ablation_overrides(self.model, dict(self.overrides)))
+        return dataclasses.asdict(MTDConfig(**mkw)), dataclasses.asdict(TrainConfig(**tkw))
 
     # ---- derived ----------------------------------------------------------------------------
     @property
@@ -281,11 +292,48 @@ def validate_record(obj: Any) -> Optional[str]:
     return None
 
 
-def spec_mismatch(record: dict[str, Any], spec: RunSpec) -> Optional[str]:
-    """None when `record` was made by `spec`, else the first difference."""
-    want = {"dataset": spec.dataset_key, "model": spec.model, "label": spec.label, "seed": spec.seed,
-            "epochs": spec.epochs, "overrides": _norm(spec.overrides_dict),
+# Fields whose DEFAULT changed after result files had been written (config.LEGACY_VALUES holds
+# the old behaviour), and the models that read them: compared even when neither the spec nor
+# the record overrides them, so a file made under an old default never counts as a run of the
+# new one (graph_mode and score_norm were chosen by the graph-integration study, repeat_bias in
+# README "Re-clicks"; MTD-lo has no graph to integrate).
+_MTD_FAMILY = ("mtd", "mtd-va", "mtd-at", "mtd-lo", "mtd-ga")
+DEFAULT_CHANGED: dict[str, tuple[str, ...]] = {"graph_mode": tuple(m for m in _MTD_FAMILY if m != "mtd-lo"),
+                                               "score_norm": _MTD_FAMILY, "repeat_bias": _MTD_FAMILY}
+_MISSING = object()
+
+
+def config_mismatch(record: dict[str, Any], spec: RunSpec) -> Optional[str]:
+    """None when the record's resolved configs agree with what `spec` resolves to today on
+    every field either side overrides and every field whose default changed (for the models
+    that read it), else the first difference. Fields neither side names took their defaults
+    in both, so overrides {"score_norm": True} and {} are the same run while that is the default."""
+    from ..config import MTDConfig
+
+    model_cfg, train_cfg = spec.configs()
+    model_fields = {f.name for f in dataclasses.fields(MTDConfig)}
+    names = set(spec.overrides_dict) | set(record.get("overrides") or {})
+    names |= {k for k, models in DEFAULT_CHANGED.items() if spec.model.lower() in models}
+    for name in sorted(names):
+        part, want = ("model_config", model_cfg) if name in model_fields else ("train_config", train_cfg)
+        if name not in want:
+            return f"{name!r} is not a config field of this install"
+        have = (record.get(part) or {}).get(name, LEGACY_VALUES.get(name, _MISSING))
+        if have is _MISSING:
+            return f"the record's {part} has no {name!r}"
+        if _norm(have) != _norm(want[name]):
+            return f"{name} {have!r} != {want[name]!r}"
+    return None
+
+
+def spec_mismatch(record: dict[str, Any], spec: RunSpec, *, label: bool = True) -> Optional[str]:
+    """None when `record` is a run of `spec`, else the first difference: the same dataset,
+    data folder, fraction, synthetic options, model, seed, epochs cap, label (unless
+    `label=False`) and resolved configs (`config_mismatch`)."""
+    want = {"dataset": spec.dataset_key, "model": spec.model, "seed": spec.seed, "epochs": spec.epochs,
             "dataset_kwargs": _norm(spec.dataset_kwargs_dict)}
+    if label:
+        want["label"] = spec.label
     for key, value in want.items():
         have = record.get(key, {} if key == "dataset_kwargs" else None)
         if have != value:
@@ -298,7 +346,7 @@ def spec_mismatch(record: dict[str, Any], spec: RunSpec) -> Optional[str]:
     want = data_folder(spec)
     if have is not None and want is not None and have != want:
         return f"data folder {have!r} != {want!r}"
-    return None
+    return config_mismatch(record, spec)
 
 
 def read_result(path: Path) -> tuple[Optional[dict[str, Any]], Optional[str]]:
@@ -332,6 +380,74 @@ def load_results(out_dir: os.PathLike | str, specs: Optional[Sequence[RunSpec]] 
         if rec is not None:
             records.append(rec)
     return records
+
+
+# ---- adopting another study's run -----------------------------------------------------------
+def adopt(source: os.PathLike | str, spec: RunSpec, out_dir: os.PathLike | str) -> Path:
+    """Copy the finished result file `source` (and its rank file) into `out_dir` as the result
+    of `spec`, when it is a run of `spec` under another label: the same dataset, data folder,
+    fraction, model, seed, epochs cap and resolved configs (`spec_mismatch(label=False)`), as
+    when a variant of one study is what another study's row now means. The copy gets the
+    spec's label and overrides and an `adopted_from` block (the source file's name, label,
+    overrides and command); metrics, history and provenance stay the source's. A valid result
+    of `spec` already in `out_dir` is kept (ExperimentError); any other file there is moved
+    aside to `NAME.json.replaced`. Returns the path written."""
+    source = Path(source)
+    rec, problem = read_result(source) if source.is_file() else (None, "no such file")
+    if rec is None:
+        raise ExperimentError(f"cannot adopt {source}: {problem}")
+    why = spec_mismatch(rec, spec, label=False)
+    if why is not None:
+        raise ExperimentError(f"cannot adopt {source} as {spec.label!r}: it is not a run of that spec ({why})")
+    dest = result_path(check_writable(out_dir), spec)
+    if dest.resolve() == source.resolve():
+        raise ExperimentError(f"{source} is already the result file of {spec.label!r}")
+    if dest.is_file():
+        have, _ = read_result(dest)
+        if have is not None and spec_mismatch(have, spec) is None:
+            raise ExperimentError(f"{dest} already holds a finished run of {spec.label!r}: remove it to adopt "
+                                  f"{source} instead")
+        os.replace(dest, dest.with_name(dest.name + ".replaced"))
+    new = {**rec, "label": spec.label, "overrides": spec.overrides_dict,
+           "adopted_from": {"file": source.name, "label": rec["label"], "overrides": rec["overrides"],
+                            "command": rec["command"]}}
+    if rec.get("ranks"):
+        src_ranks = source.with_name(str(rec["ranks"].get("file") or source.with_suffix(RANKS_SUFFIX).name))
+        if not src_ranks.is_file():
+            raise ExperimentError(f"cannot adopt {source}: its rank file {src_ranks.name} is not beside it")
+        dest_ranks = ranks_path(out_dir, spec)
+        data = src_ranks.read_bytes()
+        atomic_save(dest_ranks, lambda tmp: Path(tmp).write_bytes(data))
+        new["ranks"] = {**rec["ranks"], "file": dest_ranks.name}
+    atomic_write_json(dest, new)
+    return dest
+
+
+def adopt_files(sources: Sequence[os.PathLike | str], specs: Sequence[RunSpec],
+                out_dir: os.PathLike | str) -> list[Path]:
+    """`adopt` each of `sources` as the one spec of `specs` it is a run of (label aside);
+    a file that is a run of none of them, or of several, is refused before anything is copied."""
+    pairs = []
+    for source in sources:
+        rec, problem = read_result(Path(source)) if Path(source).is_file() else (None, "no such file")
+        if rec is None:
+            raise ExperimentError(f"cannot adopt {source}: {problem}")
+        fits = [s for s in dict.fromkeys(specs) if spec_mismatch(rec, s, label=False) is None]
+        if len(fits) != 1:
+            near = [f"{s.label}: {spec_mismatch(rec, s, label=False)}" for s in dict.fromkeys(specs)
+                    if s.model == rec["model"] and s.seed == rec["seed"]]
+            what = "several of this study's runs (" + ", ".join(s.label for s in fits) + ")" if fits else \
+                "none of this study's runs" + (f" ({'; '.join(near)})" if near else
+                                                f" (none trains model {rec['model']!r} with seed {rec['seed']})")
+            raise ExperimentError(f"cannot adopt {source}: it matches {what}")
+        pairs.append((source, fits[0]))
+    if len({s for _, s in pairs}) != len(pairs):
+        raise ExperimentError("two of the files to adopt are runs of the same spec: give one")
+    # a copy that lands on another source's file (a relabelled row taking the old label) goes
+    # after that source has been adopted
+    sources_at = {Path(s).resolve() for s in sources}
+    pairs.sort(key=lambda pair: result_path(out_dir, pair[1]).resolve() in sources_at)
+    return [adopt(source, spec, out_dir) for source, spec in pairs]
 
 
 # ---- running ---------------------------------------------------------------------------------

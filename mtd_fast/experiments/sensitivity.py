@@ -74,13 +74,13 @@ def specs(study: Study):
         if param not in active and study.options.get(option):
             raise ExperimentError(f"--{option.replace('_', '-')} sweeps {param}, which graph_mode="
                                   f"{study.overrides.get('graph_mode', MTDConfig().graph_mode)!r} does not read")
-    out = [study.spec("mtd", s, label="default") for s in seeds]
+    out = [study.paper_spec("mtd", s, label="default") for s in seeds]
     for param in active:
         short, values, option = SWEEPS[param]
         for v in study.options.get(option) or values:
             _check_value(param, v)
             if v != _default_value(study, param):
-                out += [study.spec("mtd", s, label=f"{short}={v:g}", extra={param: v}) for s in seeds]
+                out += [study.paper_spec("mtd", s, label=f"{short}={v:g}", extra={param: v}) for s in seeds]
     return out
 
 

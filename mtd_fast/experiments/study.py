@@ -13,9 +13,14 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .report import ExperimentError, atomic_save, require
-from .runner import RunSpec, run_all
+from .runner import RunSpec, adopt_files, run_all
 
-__all__ = ["Study", "pyplot", "save_figure", "provenance"]
+__all__ = ["Study", "PAPER_MODEL", "pyplot", "save_figure", "provenance"]
+
+# The paper's MTD where our default differs from it (MTDConfig.repeat_bias: README "Re-clicks").
+# The studies that reproduce the paper's figures (ablation, sensitivity, interpret) train the
+# paper's model unless the invocation sets the field itself (--repeat-bias).
+PAPER_MODEL: dict[str, Any] = {"repeat_bias": False}
 
 
 @dataclasses.dataclass
@@ -36,6 +41,8 @@ class Study:
     backend: Any = None
     command: Optional[str] = None  # the CLI line, recorded in every result file
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # experiment-specific
+    # finished result files of other studies to take as this study's runs (runner.adopt_files)
+    adopt: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -50,6 +57,12 @@ class Study:
                        epochs=self.epochs, overrides={**self.overrides, **(extra or {})}, label=label,
                        dataset_kwargs=self.dataset_kwargs)
 
+    def paper_spec(self, model: str, seed: int, label: Optional[str] = None,
+                   extra: Optional[dict[str, Any]] = None) -> RunSpec:
+        """`spec` of the paper's model: PAPER_MODEL's fields the invocation does not set added."""
+        fixed = {k: v for k, v in PAPER_MODEL.items() if k not in self.overrides}
+        return self.spec(model, seed, label, {**fixed, **(extra or {})})
+
     def seeds_or(self, default: Sequence[int]) -> list[int]:
         seeds = list(self.seeds) if self.seeds else list(default)
         if len(set(seeds)) != len(seeds):
@@ -57,6 +70,12 @@ class Study:
         return seeds
 
     def run(self, specs: Sequence[RunSpec], checkpoints: bool = False) -> list[dict[str, Any]]:
+        """Adopt the `adopt` files as runs of `specs`, then train what is still missing."""
+        if self.adopt:
+            if checkpoints:
+                raise ExperimentError(f"experiment {self.name} reads each run's saved model; --adopt copies result "
+                                      "files only")
+            adopt_files(self.adopt, specs, self.runs_dir)
         return run_all(specs, self.runs_dir, quiet=self.quiet, backend=self.backend, command=self.command,
                        checkpoints=checkpoints)
 
@@ -93,4 +112,9 @@ def provenance(records: Sequence[dict[str, Any]]) -> str:
     lines = [f"{len(records)} result files, made {dates[0]} to {dates[-1]} with torch {', '.join(torch)} on "
              f"{', '.join(machine)}; commit {', '.join(commits)}. Commands:", "", "```"]
     lines += commands + ["```"]
+    adopted = sorted(f"- {r['dataset']} {r['label']} seed {r['seed']}: {r['adopted_from']['file']} (label "
+                     f"{r['adopted_from']['label']})" for r in records if r.get("adopted_from"))
+    if adopted:
+        lines += ["", "Adopted (another study's run of the same spec, `--adopt`; its command is above):", "",
+                  *adopted]
     return "\n".join(lines)

@@ -1,7 +1,9 @@
 """`mtd-fast experiment table2`: the paper's Tables 2/3 (RQ1) and training curves.
 
-Every model is trained with early stopping on validation (`epochs` is a cap, `patience`
-decides); the table reports test metrics at the validation-picked epoch, the
+Rows: every model, MTD and MTD-lo as defaulted (with the re-click term), and the paper's
+MTD and MTD-lo without it (`mtd-norep`, `mtd-lo-norep`); a file made under an older default
+is left out (`outdated`). Every model is trained with early stopping on validation
+(`epochs` is a cap, `patience` decides); the table reports test metrics at the validation-picked epoch, the
 best-epoch-on-test protocol in its own columns and the published figures beside.
 Writes `out/table2/*.json` (one per dataset, model, seed), `out/table2.md`,
 `out/table2.json` and `out/table2_curves.png` (validation P@20 per epoch).
@@ -17,14 +19,19 @@ from typing import Any, Optional, Sequence
 from .merge import dataset_title, group_records, merge_json, merge_table
 from .paired import paired_json, paired_markdown
 from .ranks import read_ranks
-from .report import atomic_write_json, atomic_write_text, display_name
-from .runner import load_results, read_result
+from .report import ExperimentError, atomic_write_json, atomic_write_text, display_name
+from .runner import RunSpec, config_mismatch, load_results, read_result
 from .study import Study, provenance, pyplot, save_figure
 
 __all__ = ["MODELS", "DEFAULT_SEEDS", "REQUIRED", "STRETCH", "run", "report", "curves_figure", "targets",
            "readme_block", "publish"]
 
-MODELS = ("pop", "spop", "itemknn", "gru4rec", "narm", "stamp", "sasrec", "srgnn", "csrm", "cosan", "mtd", "mtd-lo")
+# the paper's MTD and MTD-lo (without our re-click term, MTDConfig.repeat_bias) as rows of their
+# own beside the defaults: label -> (model, fixed overrides)
+PAPER_ROWS: dict[str, tuple[str, dict[str, Any]]] = {"mtd-norep": ("mtd", {"repeat_bias": False}),
+                                                     "mtd-lo-norep": ("mtd-lo", {"repeat_bias": False})}
+MODELS = ("pop", "spop", "itemknn", "gru4rec", "narm", "stamp", "sasrec", "srgnn", "csrm", "cosan", "mtd", "mtd-lo",
+          *PAPER_ROWS)
 ORDER = (*MODELS, "mtd-va", "mtd-at", "mtd-ga")
 DEFAULT_SEEDS = (0,)
 # the issue's targets: the models every dataset needs, the extra ones Yoochoose 1/64 needs,
@@ -36,8 +43,15 @@ TARGET_KEYS = ("P@20", "MRR@20")
 
 
 def specs(study: Study):
-    models = list(study.models or MODELS)
-    return [study.spec(m, seed) for m in models for seed in study.seeds_or(DEFAULT_SEEDS)]
+    out = []
+    for label in study.models or MODELS:
+        model, fixed = PAPER_ROWS.get(label, (label, None))
+        clash = sorted(k for k in fixed or {} if k in study.overrides and study.overrides[k] != fixed[k])
+        if clash:
+            raise ExperimentError(f"row {label!r} fixes {', '.join(clash)}; do not pass them as options")
+        out += [study.spec(model, seed, label=label if fixed else None, extra=fixed)
+                for seed in study.seeds_or(DEFAULT_SEEDS)]
+    return out
 
 
 def run(study: Study) -> dict[str, Any]:
@@ -144,14 +158,37 @@ def targets(merged: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def outdated(rec: dict[str, Any]) -> Optional[str]:
+    """None when `rec` is still a run of its row (its label's model and fixed overrides under
+    today's defaults, `runner.config_mismatch`), else why not: a file made before a default
+    changed (MTD with repeat_bias=False under the label "mtd") is not the row's model now."""
+    model, fixed = PAPER_ROWS.get(rec["label"], (rec["label"], {}))
+    if model != rec["model"]:
+        return None  # a label of another experiment (ablation variants merged here): its own spec
+    try:
+        spec = RunSpec(dataset=rec["dataset"], root=rec.get("root"), fraction=rec["fraction"], model=model,
+                       seed=rec["seed"], epochs=rec["epochs"], overrides={**rec["overrides"], **fixed},
+                       label=rec["label"], dataset_kwargs=rec.get("dataset_kwargs") or {})
+    except (ExperimentError, TypeError, ValueError) as exc:
+        return f"its settings are not valid today ({exc})"
+    why = config_mismatch(rec, spec)
+    return None if why is None else f"made under another default ({why})"
+
+
 def report(records: list[dict[str, Any]], study: Study) -> dict[str, Any]:
     out = study.out
     out.mkdir(parents=True, exist_ok=True)
+    old = {f"{r['dataset']}/{r['label']}/seed{r['seed']}": why for r in records for why in [outdated(r)] if why}
+    records = [r for r in records if not outdated(r)]
     merged = merge_json(records, ORDER)
     md = f"# Tables 2/3: accuracy ({len(records)} runs)\n\n" + merge_table(records, ORDER)
     paired = paired_json(records, study.runs_dir, ORDER)
     merged["paired"] = paired
-    md += "\n" + targets(merged) + "\n" + paired_markdown(paired) + "\n" + PROVENANCE + provenance(records) + "\n"
+    merged["left_out"] = old
+    md += "\n" + targets(merged) + "\n" + paired_markdown(paired) + "\n"
+    if old:
+        md += "## Left out\n\n" + "".join(f"- {name}: {why}\n" for name, why in sorted(old.items())) + "\n"
+    md += PROVENANCE + provenance(records) + "\n"
     merged["files"] = sorted(f"{r['dataset']}/{r['label']}/seed{r['seed']}" for r in records)
     paths = {"markdown": atomic_write_text(out / "table2.md", md),
              "json": atomic_write_json(out / "table2.json", merged)}
@@ -176,7 +213,8 @@ def readme_block(md: str) -> str:
     tables = re.sub(r"^### ", "#### ", tables, flags=re.M)
     block = tables + "\n\n" + targets_list.rstrip()
     if PAIRED_HEADING in md:
-        paired = md[md.index(PAIRED_HEADING):md.index(PROVENANCE)].rstrip()
+        start = md.index(PAIRED_HEADING)
+        paired = md[start:md.index("\n## ", start) + 1].rstrip()  # up to the next section
         heading, rest = paired.split("\n", 1)
         block += "\n\n**" + heading.removeprefix("## ") + "**\n" + rest
     return block
@@ -208,7 +246,8 @@ def publish(source: Path, out: Path, readme: Optional[Path] = None, force: bool 
     copied, skipped, plan, rank_files = [], {}, [], []
     for path in sorted(source.glob("*.json")):
         rec, problem = read_result(path)
-        if rec is None:
+        problem = problem or outdated(rec)
+        if problem:
             skipped[path.name] = problem
             continue
         target = dest / path.name

@@ -25,10 +25,11 @@ How the graph side reaches the recommender is `graph_mode` (README "Graph integr
 `score_norm=True` (the default) scores by `score_scale * cos(q, T_j)` (NISER); False by the
 paper's `q . T_j`. The defaults (residual + cosine) were chosen on validation data:
 README "Graph integration", benches/figures/graph_modes.md.
-`repeat_bias=True` (off by default; not in the paper) adds a learned bias to the scores of
-the session's own items, RepeatNet's repeat mode as an additive term (models/repeat.py,
-README "Re-clicks"); `repeat_identity=True` adds to it a learned weight on scoring those
-items by their own embeddings instead of their graph-smoothed rows (`identity_shift`).
+`repeat_bias=True` (the default, chosen on validation; not in the paper: False is the paper's
+model) adds a learned bias to the scores of the session's own items, RepeatNet's repeat mode as
+an additive term (models/repeat.py, README "Re-clicks"); `repeat_identity=True` adds to it a
+learned weight on scoring those items by their own embeddings instead of their graph-smoothed
+rows (`identity_shift`).
 
 The hot ops go through `mtd_fast.ops` (session attention, aggregation, SpMM) so every
 backend computes the same function; dropout masks are drawn here, outside any kernel.
