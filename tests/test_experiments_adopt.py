@@ -123,6 +123,14 @@ def test_table2_leaves_out_a_row_made_under_an_old_default(tmp_path):
         == ["mtd-norep"]
     assert "## Left out" in res["markdown"] and "mtd/seed0: made under another default" in res["markdown"]
     assert "## Left out" not in table2.readme_block(res["markdown"])
+    # publish never copies it from the runs' folder into the figures
+    runs = tmp_path / "results" / "table2"
+    runs.mkdir(parents=True)
+    (runs / "synthetic__mtd__seed0.json").write_text(json.dumps(stale))
+    (runs / "synthetic__mtd-norep__seed0.json").write_text(json.dumps({**stale, "label": "mtd-norep"}))
+    out = table2.publish(tmp_path / "results", tmp_path / "figures")
+    assert out["copied"] == ["synthetic__mtd-norep__seed0.json"]
+    assert "made under another default" in out["skipped"]["synthetic__mtd__seed0.json"]
 
 
 def test_table2_rows_of_the_papers_model_and_the_cli_adopt(tmp_path, capsys):
