@@ -337,7 +337,9 @@ def test_triton_mtd_loss_through_the_kernel():
     results = []
     for backend in ({"linear_cross_entropy": "triton"}, "reference"):
         torch.manual_seed(0)
-        model = mtd_fast.MTD(40, mtd_fast.MTDConfig(hidden_size=16), dropout=0.3, backend=backend).to(TRITON_DEVICE)
+        # without the re-click term (the default has it): the plain kernel, not the biased path (test_repeat)
+        model = mtd_fast.MTD(40, mtd_fast.MTDConfig(hidden_size=16, repeat_bias=False), dropout=0.3,
+                             backend=backend).to(TRITON_DEVICE)
         batch = model.batch_from_sessions(Sessions.from_lists(seqs), np.arange(len(seqs)))
         torch.manual_seed(1)
         loss = model.loss(batch, targets)
