@@ -8,6 +8,7 @@ import pytest
 
 from mtd_fast.cli import main
 from mtd_fast.experiments import ExperimentError, RunSpec, load_results, run_all, runner, table2
+from mtd_fast.experiments.adoption import adopt, adopt_files
 from mtd_fast.experiments.ranks import read_ranks
 from mtd_fast.experiments.study import Study
 
@@ -71,10 +72,10 @@ def test_adopt_copies_a_run_of_the_same_spec_under_another_label(tmp_path):
     row, paper = spec("mtd"), spec("mtd", label="mtd-norep", repeat_bias=False)
 
     with pytest.raises(ExperimentError, match=r"not a run of that spec \(repeat_bias True != False\)"):
-        runner.adopt(source, paper, tmp_path / "b")
+        adopt(source, paper, tmp_path / "b")
     with pytest.raises(ExperimentError, match="no such file"):
-        runner.adopt(tmp_path / "a" / "missing.json", row, tmp_path / "b")
-    dest = runner.adopt(source, row, tmp_path / "b")
+        adopt(tmp_path / "a" / "missing.json", row, tmp_path / "b")
+    dest = adopt(source, row, tmp_path / "b")
     got = json.loads(dest.read_text())
     assert dest == runner.result_path(tmp_path / "b", row) and dest.name.endswith("__mtd__seed0.json")
     assert got["label"] == "mtd" and got["overrides"] == row.overrides_dict
@@ -85,7 +86,7 @@ def test_adopt_copies_a_run_of_the_same_spec_under_another_label(tmp_path):
     assert problem is None and got["ranks"]["file"] == runner.ranks_path(tmp_path / "b", row).name
     assert runner.plan([row], tmp_path / "b") == [None]  # nothing left to train
     with pytest.raises(ExperimentError, match="already holds a finished run"):
-        runner.adopt(source, row, tmp_path / "b")
+        adopt(source, row, tmp_path / "b")
 
 
 def test_adopt_files_relabels_the_old_row_before_the_new_run_takes_its_label(tmp_path):
@@ -101,7 +102,7 @@ def test_adopt_files_relabels_the_old_row_before_the_new_run_takes_its_label(tmp
     variant = spec("mtd", label="rep", repeat_bias=True)
     run_all([variant], tmp_path / "gm", quiet=True)
     row, paper = spec("mtd"), spec("mtd", label="mtd-norep", repeat_bias=False)
-    runner.adopt_files([runner.result_path(tmp_path / "gm", variant), old_file], [row, paper], table)
+    adopt_files([runner.result_path(tmp_path / "gm", variant), old_file], [row, paper], table)
     recs = {r["label"]: r for r in load_results(table)}
     assert recs["mtd-norep"]["adopted_from"]["label"] == "mtd" and recs["mtd-norep"]["metrics"] == old["metrics"]
     for label in ("mtd", "mtd-norep"):  # each row's rank file is its own run's
@@ -109,7 +110,7 @@ def test_adopt_files_relabels_the_old_row_before_the_new_run_takes_its_label(tmp
     assert recs["mtd"]["adopted_from"]["label"] == "rep"
     assert runner.plan([row, paper], table) == [None, None]
     with pytest.raises(ExperimentError, match=r"matches none of this study's runs \(none trains model 'mtd'"):
-        runner.adopt_files([runner.result_path(table, row)], [spec("pop")], tmp_path / "c")
+        adopt_files([runner.result_path(table, row)], [spec("pop")], tmp_path / "c")
 
 
 def test_table2_leaves_out_a_row_made_under_an_old_default(tmp_path):

@@ -2,6 +2,7 @@
 
 - `runner`: `RunSpec`, `run_all` (one JSON result file per dataset, label and seed; a
   finished run is never retrained), `load_results`.
+- `adoption`: `adopt` (another study's finished run of the same spec as a row, `--adopt`).
 - `merge`: `merge_table` / `merge_json` (the records of every seed merged into the paper's
   tables), `group_records`.
 - one module per experiment: `table2` (Tables 2/3 and training curves), `ablation`

@@ -8,8 +8,8 @@
 `run_all` loads each dataset once, skips every spec whose result file is valid and was
 made by the same spec (dataset, data folder, fraction, synthetic options, model, label,
 seed, epochs, and the resolved configs on every field either side overrides or whose
-default changed: `spec_mismatch`), and retrains the others. `adopt` takes another study's
-finished run of the same spec under another label instead of training it. A corrupt,
+default changed: `spec_mismatch`), and retrains the others (`adoption.adopt` takes another
+study's finished run of the same spec under another label instead). A corrupt,
 truncated or mismatching file is never merged: it is moved aside to `NAME.json.replaced`
 (one line says why) and the run is redone. Each file is written atomically right after its run.
 
@@ -48,7 +48,6 @@ from .report import ExperimentError, atomic_save, atomic_write_json
 
 __all__ = ["RunSpec", "result_path", "ranks_path", "run_all",
            "load_results", "read_result", "validate_record", "spec_mismatch", "config_mismatch", "load_spec_dataset",
-           "adopt", "adopt_files",
            "dataset_part", "FORMAT", "FORMAT_VERSION"]
 
 log = logging.getLogger("mtd_fast")
@@ -380,74 +379,6 @@ def load_results(out_dir: os.PathLike | str, specs: Optional[Sequence[RunSpec]] 
         if rec is not None:
             records.append(rec)
     return records
-
-
-# ---- adopting another study's run -----------------------------------------------------------
-def adopt(source: os.PathLike | str, spec: RunSpec, out_dir: os.PathLike | str) -> Path:
-    """Copy the finished result file `source` (and its rank file) into `out_dir` as the result
-    of `spec`, when it is a run of `spec` under another label: the same dataset, data folder,
-    fraction, model, seed, epochs cap and resolved configs (`spec_mismatch(label=False)`), as
-    when a variant of one study is what another study's row now means. The copy gets the
-    spec's label and overrides and an `adopted_from` block (the source file's name, label,
-    overrides and command); metrics, history and provenance stay the source's. A valid result
-    of `spec` already in `out_dir` is kept (ExperimentError); any other file there is moved
-    aside to `NAME.json.replaced`. Returns the path written."""
-    source = Path(source)
-    rec, problem = read_result(source) if source.is_file() else (None, "no such file")
-    if rec is None:
-        raise ExperimentError(f"cannot adopt {source}: {problem}")
-    why = spec_mismatch(rec, spec, label=False)
-    if why is not None:
-        raise ExperimentError(f"cannot adopt {source} as {spec.label!r}: it is not a run of that spec ({why})")
-    dest = result_path(check_writable(out_dir), spec)
-    if dest.resolve() == source.resolve():
-        raise ExperimentError(f"{source} is already the result file of {spec.label!r}")
-    if dest.is_file():
-        have, _ = read_result(dest)
-        if have is not None and spec_mismatch(have, spec) is None:
-            raise ExperimentError(f"{dest} already holds a finished run of {spec.label!r}: remove it to adopt "
-                                  f"{source} instead")
-        os.replace(dest, dest.with_name(dest.name + ".replaced"))
-    new = {**rec, "label": spec.label, "overrides": spec.overrides_dict,
-           "adopted_from": {"file": source.name, "label": rec["label"], "overrides": rec["overrides"],
-                            "command": rec["command"]}}
-    if rec.get("ranks"):
-        src_ranks = source.with_name(str(rec["ranks"].get("file") or source.with_suffix(RANKS_SUFFIX).name))
-        if not src_ranks.is_file():
-            raise ExperimentError(f"cannot adopt {source}: its rank file {src_ranks.name} is not beside it")
-        dest_ranks = ranks_path(out_dir, spec)
-        data = src_ranks.read_bytes()
-        atomic_save(dest_ranks, lambda tmp: Path(tmp).write_bytes(data))
-        new["ranks"] = {**rec["ranks"], "file": dest_ranks.name}
-    atomic_write_json(dest, new)
-    return dest
-
-
-def adopt_files(sources: Sequence[os.PathLike | str], specs: Sequence[RunSpec],
-                out_dir: os.PathLike | str) -> list[Path]:
-    """`adopt` each of `sources` as the one spec of `specs` it is a run of (label aside);
-    a file that is a run of none of them, or of several, is refused before anything is copied."""
-    pairs = []
-    for source in sources:
-        rec, problem = read_result(Path(source)) if Path(source).is_file() else (None, "no such file")
-        if rec is None:
-            raise ExperimentError(f"cannot adopt {source}: {problem}")
-        fits = [s for s in dict.fromkeys(specs) if spec_mismatch(rec, s, label=False) is None]
-        if len(fits) != 1:
-            near = [f"{s.label}: {spec_mismatch(rec, s, label=False)}" for s in dict.fromkeys(specs)
-                    if s.model == rec["model"] and s.seed == rec["seed"]]
-            what = "several of this study's runs (" + ", ".join(s.label for s in fits) + ")" if fits else \
-                "none of this study's runs" + (f" ({'; '.join(near)})" if near else
-                                                f" (none trains model {rec['model']!r} with seed {rec['seed']})")
-            raise ExperimentError(f"cannot adopt {source}: it matches {what}")
-        pairs.append((source, fits[0]))
-    if len({s for _, s in pairs}) != len(pairs):
-        raise ExperimentError("two of the files to adopt are runs of the same spec: give one")
-    # a copy that lands on another source's file (a relabelled row taking the old label) goes
-    # after that source has been adopted
-    sources_at = {Path(s).resolve() for s in sources}
-    pairs.sort(key=lambda pair: result_path(out_dir, pair[1]).resolve() in sources_at)
-    return [adopt(source, spec, out_dir) for source, spec in pairs]
 
 
 # ---- running ---------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .adoption import adopt_files
 from .report import ExperimentError, atomic_save, require
-from .runner import RunSpec, adopt_files, run_all
+from .runner import RunSpec, run_all
 
 __all__ = ["Study", "PAPER_MODEL", "pyplot", "save_figure", "provenance"]
 
