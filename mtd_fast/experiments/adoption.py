@@ -18,6 +18,13 @@ from .runner import RunSpec, check_writable, ranks_path, read_result, result_pat
 __all__ = ["adopt", "adopt_files"]
 
 
+def _read(source: Path) -> dict:
+    rec, problem = read_result(source) if source.is_file() else (None, "no such file")
+    if rec is None:
+        raise ExperimentError(f"cannot adopt {source}: {problem}")
+    return rec
+
+
 def adopt(source: os.PathLike | str, spec: RunSpec, out_dir: os.PathLike | str) -> Path:
     """Copy the finished result file `source` (and its rank file) into `out_dir` as the result
     of `spec`, when it is a run of `spec` under another label: the same dataset, data folder,
@@ -28,9 +35,7 @@ def adopt(source: os.PathLike | str, spec: RunSpec, out_dir: os.PathLike | str) 
     of `spec` already in `out_dir` is kept (ExperimentError); any other file there is moved
     aside to `NAME.json.replaced`. Returns the path written."""
     source = Path(source)
-    rec, problem = read_result(source) if source.is_file() else (None, "no such file")
-    if rec is None:
-        raise ExperimentError(f"cannot adopt {source}: {problem}")
+    rec = _read(source)
     why = spec_mismatch(rec, spec, label=False)
     if why is not None:
         raise ExperimentError(f"cannot adopt {source} as {spec.label!r}: it is not a run of that spec ({why})")
@@ -64,13 +69,11 @@ def adopt_files(sources: Sequence[os.PathLike | str], specs: Sequence[RunSpec],
     a file that is a run of none of them, or of several, is refused before anything is copied."""
     pairs = []
     for source in sources:
-        rec, problem = read_result(Path(source)) if Path(source).is_file() else (None, "no such file")
-        if rec is None:
-            raise ExperimentError(f"cannot adopt {source}: {problem}")
-        fits = [s for s in dict.fromkeys(specs) if spec_mismatch(rec, s, label=False) is None]
+        rec = _read(Path(source))
+        why = {s: spec_mismatch(rec, s, label=False) for s in dict.fromkeys(specs)}
+        fits = [s for s, w in why.items() if w is None]
         if len(fits) != 1:
-            near = [f"{s.label}: {spec_mismatch(rec, s, label=False)}" for s in dict.fromkeys(specs)
-                    if s.model == rec["model"] and s.seed == rec["seed"]]
+            near = [f"{s.label}: {w}" for s, w in why.items() if s.model == rec["model"] and s.seed == rec["seed"]]
             what = "several of this study's runs (" + ", ".join(s.label for s in fits) + ")" if fits else \
                 "none of this study's runs" + (f" ({'; '.join(near)})" if near else
                                                 f" (none trains model {rec['model']!r} with seed {rec['seed']})")

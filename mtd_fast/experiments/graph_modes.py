@@ -72,13 +72,10 @@ def specs(study: Study):
     unknown = [lab for lab in labels if lab not in VARIANTS]
     if unknown:
         raise ExperimentError(f"unknown graph_modes variant(s) {', '.join(unknown)}: use {', '.join(VARIANTS)}")
-    set_by_user = set(study.overrides)
     out = []
     for label in labels:
         model, kw = VARIANTS[label]
-        clash = sorted(k for k in kw if k in set_by_user and study.overrides[k] != kw[k])
-        if clash:
-            raise ExperimentError(f"variant {label!r} fixes {', '.join(clash)}; do not pass them as options")
+        study.check_fixed(label, kw, "variant")
         for seed in study.seeds_or(DEFAULT_SEEDS):
             out.append(study.spec(model, seed, label=label, extra=kw))
     return out

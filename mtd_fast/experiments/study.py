@@ -58,6 +58,12 @@ class Study:
                        epochs=self.epochs, overrides={**self.overrides, **(extra or {})}, label=label,
                        dataset_kwargs=self.dataset_kwargs)
 
+    def check_fixed(self, label: str, fixed: dict[str, Any], what: str) -> None:
+        """Refuse options of this invocation that contradict the fields `what` `label` fixes."""
+        clash = sorted(k for k in fixed if k in self.overrides and self.overrides[k] != fixed[k])
+        if clash:
+            raise ExperimentError(f"{what} {label!r} fixes {', '.join(clash)}; do not pass them as options")
+
     def paper_spec(self, model: str, seed: int, label: Optional[str] = None,
                    extra: Optional[dict[str, Any]] = None) -> RunSpec:
         """`spec` of the paper's model: PAPER_MODEL's fields the invocation does not set added."""

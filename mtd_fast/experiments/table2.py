@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 from .merge import dataset_title, group_records, merge_json, merge_table
 from .paired import paired_json, paired_markdown
 from .ranks import read_ranks
-from .report import ExperimentError, atomic_write_json, atomic_write_text, display_name
+from .report import atomic_write_json, atomic_write_text, display_name
 from .runner import RunSpec, config_mismatch, load_results, read_result
 from .study import Study, provenance, pyplot, save_figure
 
@@ -46,9 +46,7 @@ def specs(study: Study):
     out = []
     for label in study.models or MODELS:
         model, fixed = PAPER_ROWS.get(label, (label, None))
-        clash = sorted(k for k in fixed or {} if k in study.overrides and study.overrides[k] != fixed[k])
-        if clash:
-            raise ExperimentError(f"row {label!r} fixes {', '.join(clash)}; do not pass them as options")
+        study.check_fixed(label, fixed or {}, "row")
         out += [study.spec(model, seed, label=label if fixed else None, extra=fixed)
                 for seed in study.seeds_or(DEFAULT_SEEDS)]
     return out
@@ -169,7 +167,7 @@ def outdated(rec: dict[str, Any]) -> Optional[str]:
         spec = RunSpec(dataset=rec["dataset"], root=rec.get("root"), fraction=rec["fraction"], model=model,
                        seed=rec["seed"], epochs=rec["epochs"], overrides={**rec["overrides"], **fixed},
                        label=rec["label"], dataset_kwargs=rec.get("dataset_kwargs") or {})
-    except (ExperimentError, TypeError, ValueError) as exc:
+    except (TypeError, ValueError) as exc:  # ExperimentError and ConfigError are ValueErrors
         return f"its settings are not valid today ({exc})"
     why = config_mismatch(rec, spec)
     return None if why is None else f"made under another default ({why})"
@@ -178,8 +176,9 @@ def outdated(rec: dict[str, Any]) -> Optional[str]:
 def report(records: list[dict[str, Any]], study: Study) -> dict[str, Any]:
     out = study.out
     out.mkdir(parents=True, exist_ok=True)
-    old = {f"{r['dataset']}/{r['label']}/seed{r['seed']}": why for r in records for why in [outdated(r)] if why}
-    records = [r for r in records if not outdated(r)]
+    whys = [outdated(r) for r in records]
+    old = {f"{r['dataset']}/{r['label']}/seed{r['seed']}": why for r, why in zip(records, whys) if why}
+    records = [r for r, why in zip(records, whys) if not why]
     merged = merge_json(records, ORDER)
     md = f"# Tables 2/3: accuracy ({len(records)} runs)\n\n" + merge_table(records, ORDER)
     paired = paired_json(records, study.runs_dir, ORDER)
