@@ -39,6 +39,11 @@ def adopt(source: os.PathLike | str, spec: RunSpec, out_dir: os.PathLike | str) 
     why = spec_mismatch(rec, spec, label=False)
     if why is not None:
         raise ExperimentError(f"cannot adopt {source} as {spec.label!r}: it is not a run of that spec ({why})")
+    return _copy(source, rec, spec, out_dir)
+
+
+def _copy(source: Path, rec: dict, spec: RunSpec, out_dir: os.PathLike | str) -> Path:
+    """`adopt`'s copy of `source` (read as `rec`, already a run of `spec`)."""
     dest = result_path(check_writable(out_dir), spec)
     if dest.resolve() == source.resolve():
         raise ExperimentError(f"{source} is already the result file of {spec.label!r}")
@@ -78,11 +83,11 @@ def adopt_files(sources: Sequence[os.PathLike | str], specs: Sequence[RunSpec],
                 "none of this study's runs" + (f" ({'; '.join(near)})" if near else
                                                 f" (none trains model {rec['model']!r} with seed {rec['seed']})")
             raise ExperimentError(f"cannot adopt {source}: it matches {what}")
-        pairs.append((source, fits[0]))
-    if len({s for _, s in pairs}) != len(pairs):
+        pairs.append((Path(source), rec, fits[0]))
+    if len({s for _, _, s in pairs}) != len(pairs):
         raise ExperimentError("two of the files to adopt are runs of the same spec: give one")
     # a copy that lands on another source's file (a relabelled row taking the old label) goes
     # after that source has been adopted
     sources_at = {Path(s).resolve() for s in sources}
-    pairs.sort(key=lambda pair: result_path(out_dir, pair[1]).resolve() in sources_at)
-    return [adopt(source, spec, out_dir) for source, spec in pairs]
+    pairs.sort(key=lambda pair: result_path(out_dir, pair[2]).resolve() in sources_at)
+    return [_copy(source, rec, spec, out_dir) for source, rec, spec in pairs]
