@@ -85,8 +85,17 @@ def test_adopt_copies_a_run_of_the_same_spec_under_another_label(tmp_path):
     ranks, problem = read_ranks(tmp_path / "b", got)  # the rank file came along, checksum intact
     assert problem is None and got["ranks"]["file"] == runner.ranks_path(tmp_path / "b", row).name
     assert runner.plan([row], tmp_path / "b") == [None]  # nothing left to train
+    # the same command again adopts nothing new; a lost rank file comes back
+    runner.ranks_path(tmp_path / "b", row).unlink()
+    assert adopt(source, row, tmp_path / "b") == dest and json.loads(dest.read_text()) == got
+    assert read_ranks(tmp_path / "b", got)[1] is None and not list((tmp_path / "b").glob("*.replaced"))
+    # another file holding the same run is not this adoption: the row is kept
+    other = tmp_path / "c" / "other.json"
+    other.parent.mkdir()
+    other.write_text(source.read_text())
     with pytest.raises(ExperimentError, match="already holds a finished run"):
-        adopt(source, row, tmp_path / "b")
+        adopt(other, row, tmp_path / "b")
+    assert json.loads(dest.read_text()) == got
 
 
 def test_adopt_files_relabels_the_old_row_before_the_new_run_takes_its_label(tmp_path):

@@ -31,9 +31,10 @@ def adopt(source: os.PathLike | str, spec: RunSpec, out_dir: os.PathLike | str) 
     fraction, model, seed, epochs cap and resolved configs (`spec_mismatch(label=False)`), as
     when a variant of one study is what another study's row now means. The copy gets the
     spec's label and overrides and an `adopted_from` block (the source file's name, label,
-    overrides and command); metrics, history and provenance stay the source's. A valid result
-    of `spec` already in `out_dir` is kept (ExperimentError); any other file there is moved
-    aside to `NAME.json.replaced`. Returns the path written."""
+    overrides and command); metrics, history and provenance stay the source's. Another valid
+    result of `spec` already in `out_dir` is kept (ExperimentError); any other file there is moved
+    aside to `NAME.json.replaced`; the file `adopt` made from the same `source` before is
+    written again (the same command rerun adopts nothing new). Returns the path written."""
     source = Path(source)
     rec = _read(source)
     why = spec_mismatch(rec, spec, label=False)
@@ -50,9 +51,12 @@ def _copy(source: Path, rec: dict, spec: RunSpec, out_dir: os.PathLike | str) ->
     if dest.is_file():
         have, _ = read_result(dest)
         if have is not None and spec_mismatch(have, spec) is None:
-            raise ExperimentError(f"{dest} already holds a finished run of {spec.label!r}: remove it to adopt "
-                                  f"{source} instead")
-        os.replace(dest, dest.with_name(dest.name + ".replaced"))
+            if not _is_copy_of(have, source, rec):
+                raise ExperimentError(f"{dest} already holds a finished run of {spec.label!r}: remove it to adopt "
+                                      f"{source} instead")
+            # the same adoption again (a rerun of the same command): rewrite it, rank file included
+        else:
+            os.replace(dest, dest.with_name(dest.name + ".replaced"))
     new = {**rec, "label": spec.label, "overrides": spec.overrides_dict,
            "adopted_from": {"file": source.name, "label": rec["label"], "overrides": rec["overrides"],
                             "command": rec["command"]}}
@@ -66,6 +70,17 @@ def _copy(source: Path, rec: dict, spec: RunSpec, out_dir: os.PathLike | str) ->
         new["ranks"] = {**rec["ranks"], "file": dest_ranks.name}
     atomic_write_json(dest, new)
     return dest
+
+
+def _is_copy_of(have: dict, source: Path, rec: dict) -> bool:
+    """Whether the result `have` is `adopt`'s copy of `source` (read as `rec`): adopted from a
+    file of that name and, past the fields adoption rewrites, the same record."""
+    own = ("label", "overrides", "adopted_from", "ranks")
+    if (have.get("adopted_from") or {}).get("file") != source.name:
+        return False
+    if {k: v for k, v in have.items() if k not in own} != {k: v for k, v in rec.items() if k not in own}:
+        return False
+    return {**(have.get("ranks") or {}), "file": None} == {**(rec.get("ranks") or {}), "file": None}
 
 
 def adopt_files(sources: Sequence[os.PathLike | str], specs: Sequence[RunSpec],
