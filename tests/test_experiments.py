@@ -409,6 +409,16 @@ def test_markdown_table_renderer():
     assert fmt_mean_sd([1.0]) == "1.00" and fmt_mean_sd([1.0, 3.0]) == "2.00 ± 1.41"
 
 
+def test_table2_curves_give_every_model_its_own_line():
+    pytest.importorskip("matplotlib")
+    styles = {label: table2.line_style(label) for label in table2.ORDER}
+    lines = {(tuple(st["color"]), st["linestyle"]) for st in styles.values()}
+    assert len(lines) == len(table2.ORDER)  # no two models share colour and line
+    for label, (model, _) in table2.PAPER_ROWS.items():  # the paper's row: its default's colour, dashed
+        assert styles[label]["color"] == styles[model]["color"] and styles[label]["linestyle"] == "--"
+    assert table2.line_style("my-variant") == table2.line_style("my-variant")  # stable outside ORDER
+
+
 def test_cli_table2_files_resume_and_errors(tmp_path, monkeypatch, capsys):
     out = tmp_path / "figs"
     argv = ["experiment", "table2", "--models", "pop", "stamp", "--seeds", "0", "1", "--epochs", "2", *CLI_SMALL,

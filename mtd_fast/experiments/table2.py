@@ -69,11 +69,27 @@ def _curve(recs: Sequence[dict[str, Any]]) -> tuple[list[int], list[float]]:
     return epochs, [statistics.fmean(by_epoch[e]) for e in epochs]
 
 
+def line_style(label: str, order: Sequence[str] = ORDER) -> dict[str, Any]:
+    """A model's colour and line in every panel: MTD, MTD-lo, then the rest of `order` take
+    the 10 strong colours of tab20 and then its 10 light ones, the paper's rows without the
+    re-click term are dashed in their default's colour, and MTD's lines are drawn thicker,
+    so no two models of `order` share a line."""
+    from matplotlib import colormaps
+
+    base = PAPER_ROWS[label][0] if label in PAPER_ROWS else label
+    bases = list(dict.fromkeys(["mtd", "mtd-lo", *(lab for lab in order if lab not in PAPER_ROWS)]))
+    # a label outside `order`: a colour from its spelling (Python's str hash changes per process)
+    index = (bases.index(base) if base in bases else len(bases) + sum(map(ord, base))) % 20
+    return {"color": colormaps["tab20"](2 * (index % 10) + index // 10),
+            "linestyle": "--" if label in PAPER_ROWS else "-", "linewidth": 2.2 if base == "mtd" else 1.3}
+
+
 def curves_figure(records: Sequence[dict[str, Any]], order: Sequence[str] = ORDER):
     """One panel per dataset, one line per model: validation P@20 per epoch (mean over
-    seeds). The y axis spans the trained models' curves, so converged models can be told
-    apart; models fitted in one pass (no epochs) are dotted horizontal lines when inside
-    that range, and their value is in the legend either way."""
+    seeds), each model in its own colour in every panel (`line_style`). The y axis spans
+    the trained models' curves, so converged models can be told apart; models fitted in one
+    pass (no epochs) are dotted horizontal lines when inside that range, and their value is
+    in the legend either way."""
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -89,10 +105,10 @@ def curves_figure(records: Sequence[dict[str, Any]], order: Sequence[str] = ORDE
                 continue
             if fitted:  # fitted, not trained by epochs
                 inside = lo is None or lo - 1 <= ys[0] <= hi + 1
-                ax.plot([1, max(last, 2)], [ys[0], ys[0]], linestyle=":", alpha=1.0 if inside else 0.0,
-                        label=f"{display_name(label)} (fitted) {ys[0]:.2f}")
+                ax.plot([1, max(last, 2)], [ys[0], ys[0]], **{**line_style(label, order), "linestyle": ":"},
+                        alpha=1.0 if inside else 0.0, label=f"{display_name(label)} (fitted) {ys[0]:.2f}")
             else:
-                ax.plot(xs, ys, marker="o", markersize=3, label=display_name(label))
+                ax.plot(xs, ys, marker="o", markersize=3, label=display_name(label), **line_style(label, order))
         if trained:
             margin = max(0.5, 0.05 * (hi - lo))
             ax.set_ylim(lo - margin, hi + margin)
