@@ -48,39 +48,26 @@ def _copy(source: Path, rec: dict, spec: RunSpec, out_dir: os.PathLike | str) ->
     dest = result_path(check_writable(out_dir), spec)
     if dest.resolve() == source.resolve():
         raise ExperimentError(f"{source} is already the result file of {spec.label!r}")
-    if dest.is_file():
-        have, _ = read_result(dest)
-        if have is not None and spec_mismatch(have, spec) is None:
-            if not _is_copy_of(have, source, rec):
-                raise ExperimentError(f"{dest} already holds a finished run of {spec.label!r}: remove it to adopt "
-                                      f"{source} instead")
-            # the same adoption again (a rerun of the same command): rewrite it, rank file included
-        else:
-            os.replace(dest, dest.with_name(dest.name + ".replaced"))
     new = {**rec, "label": spec.label, "overrides": spec.overrides_dict,
            "adopted_from": {"file": source.name, "label": rec["label"], "overrides": rec["overrides"],
                             "command": rec["command"]}}
     if rec.get("ranks"):
+        new["ranks"] = {**rec["ranks"], "file": ranks_path(out_dir, spec).name}
+    if dest.is_file():
+        have, _ = read_result(dest)
+        if have is None or spec_mismatch(have, spec) is not None:
+            os.replace(dest, dest.with_name(dest.name + ".replaced"))
+        elif have != new:  # the same adoption again (the command rerun) is rewritten, rank file included
+            raise ExperimentError(f"{dest} already holds a finished run of {spec.label!r}: remove it to adopt "
+                                  f"{source} instead")
+    if rec.get("ranks"):
         src_ranks = source.with_name(str(rec["ranks"].get("file") or source.with_suffix(RANKS_SUFFIX).name))
         if not src_ranks.is_file():
             raise ExperimentError(f"cannot adopt {source}: its rank file {src_ranks.name} is not beside it")
-        dest_ranks = ranks_path(out_dir, spec)
         data = src_ranks.read_bytes()
-        atomic_save(dest_ranks, lambda tmp: Path(tmp).write_bytes(data))
-        new["ranks"] = {**rec["ranks"], "file": dest_ranks.name}
+        atomic_save(ranks_path(out_dir, spec), lambda tmp: Path(tmp).write_bytes(data))
     atomic_write_json(dest, new)
     return dest
-
-
-def _is_copy_of(have: dict, source: Path, rec: dict) -> bool:
-    """Whether the result `have` is `adopt`'s copy of `source` (read as `rec`): adopted from a
-    file of that name and, past the fields adoption rewrites, the same record."""
-    own = ("label", "overrides", "adopted_from", "ranks")
-    if (have.get("adopted_from") or {}).get("file") != source.name:
-        return False
-    if {k: v for k, v in have.items() if k not in own} != {k: v for k, v in rec.items() if k not in own}:
-        return False
-    return {**(have.get("ranks") or {}), "file": None} == {**(rec.get("ranks") or {}), "file": None}
 
 
 def adopt_files(sources: Sequence[os.PathLike | str], specs: Sequence[RunSpec],
